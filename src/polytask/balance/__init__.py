@@ -1,0 +1,15 @@
+"""Balancers: how per-task losses and gradients combine into one update."""
+
+from polytask.balance import equal, uncertainty  # noqa: F401  (registers the methods)
+from polytask.balance._base import BALANCERS, Balancer, BalancerEntry, build_balancer, register_balancer
+from polytask.balance._engine import GradientEngine, NoSharedParametersError
+
+__all__ = [
+    "BALANCERS",
+    "Balancer",
+    "BalancerEntry",
+    "GradientEngine",
+    "NoSharedParametersError",
+    "build_balancer",
+    "register_balancer",
+]

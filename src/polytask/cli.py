@@ -1,0 +1,367 @@
+"""``polytask`` command line: fit, evaluate, predict, compare, demo and the catalogues.
+
+Every known failure (bad file, column, task, value, checkpoint) ends in one line on stderr that
+names the problem and what to do, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def _parse_kv(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
+    """``k=v`` pairs; values are read as YAML scalars (numbers, booleans, lists)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"'{pair}' is not KEY=VALUE", param_hint=what)
+        parsed = yaml.safe_load(value)
+        out[key.strip().replace("-", "_")] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
+def _tasks_file(path: str | None) -> tuple[list[str], dict[str, Any]]:
+    """A YAML file with ``tasks: [{name, kind, classes?}]`` and optional table options."""
+    if path is None:
+        return [], {}
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise click.BadParameter(f"tasks file {path} does not exist", param_hint="--tasks-file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise click.BadParameter(f"tasks file {path} is not valid YAML{where}", param_hint="--tasks-file") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list):
+        raise click.BadParameter(f"tasks file {path} needs a 'tasks:' list", param_hint="--tasks-file")
+    specs = []
+    for i, t in enumerate(doc["tasks"]):
+        if isinstance(t, str):
+            specs.append(t)
+        elif isinstance(t, dict) and "name" in t:
+            kind = t.get("kind", "")
+            n = t.get("n_classes")
+            specs.append(f"{t['name']}:{kind}({n})" if n else f"{t['name']}:{kind}" if kind else str(t["name"]))
+        else:
+            raise click.BadParameter(f"tasks file {path}: entry {i + 1} needs a 'name'", param_hint="--tasks-file")
+    options = {k: doc[k] for k in ("numeric", "categorical", "drop", "task_column") if k in doc}
+    return specs, options
+
+
+class _Group(click.Group):
+    """Turns the package's known errors into one line and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from polytask.train import CheckpointError, NonFiniteLossError
+
+        try:
+            return super().invoke(ctx)
+        except (ValueError, KeyError, FileNotFoundError, FileExistsError, CheckpointError, NonFiniteLossError) as e:
+            msg = e.args[0] if e.args else str(e)
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(EXIT_USAGE)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="polytask")
+def cli() -> None:
+    """polytask: multi-task learning, reported against single-task baselines."""
+
+
+def _train_options(f: Any) -> Any:
+    options = [
+        click.option("--epochs", default=20, show_default=True, help="Maximum number of epochs."),
+        click.option("--batch-size", default=256, show_default=True, help="Mini-batch size."),
+        click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate."),
+        click.option("--weight-decay", default=1e-4, show_default=True, help="AdamW weight decay."),
+        click.option(
+            "--schedule",
+            type=click.Choice(["constant", "cosine", "linear", "step"]),
+            default="constant",
+            show_default=True,
+            help="Learning-rate schedule over all steps (after warm-up).",
+        ),
+        click.option("--warmup-steps", default=0, show_default=True, help="Linear warm-up steps."),
+        click.option("--grad-clip", type=float, default=None, help="Clip the global gradient norm to this value."),
+        click.option(
+            "--patience", type=int, default=5, show_default=True, help="Stop after this many epochs without validation gain."
+        ),
+        click.option("--seed", default=0, show_default=True, help="Seed of initialisation, batches and dropout."),
+        click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val/test split."),
+        click.option("--max-steps-per-epoch", type=int, default=None, help="Cap steps per epoch (quick runs)."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def _data_options(f: Any) -> Any:
+    options = [
+        click.option(
+            "--task",
+            "tasks",
+            multiple=True,
+            help="Target as NAME:KIND (binary | multiclass | multiclass(N) | multilabel | regression); repeat. "
+            "For built-in data sets, selects tasks by name.",
+        ),
+        click.option("--tasks-file", type=click.Path(dir_okay=False), help="YAML file with 'tasks:' and table options."),
+        click.option("--val", "val_file", type=click.Path(dir_okay=False), help="Validation table (else split off)."),
+        click.option("--test", "test_file", type=click.Path(dir_okay=False), help="Test table (else split off)."),
+        click.option("--val-fraction", type=float, default=None, help="Share of rows for validation (default 0.1)."),
+        click.option("--test-fraction", type=float, default=None, help="Share of rows for test (default 0.1)."),
+        click.option("--numeric", multiple=True, help="Force a column to be numeric; repeat."),
+        click.option("--categorical", multiple=True, help="Force a column to be categorical; repeat."),
+        click.option("--drop", multiple=True, help="Column to ignore; repeat."),
+        click.option("--task-column", default=None, help="Task-column layout: column naming each row's task."),
+        click.option("--data-param", multiple=True, help="Built-in data set option KEY=VALUE (e.g. n_train=10000)."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def _collect_data(data: str, kw: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    from polytask.data import DATASETS
+
+    specs, options = _tasks_file(kw.pop("tasks_file"))
+    specs = list(kw.pop("tasks")) + specs
+    table_opts = {
+        "val": kw.pop("val_file"),
+        "test": kw.pop("test_file"),
+        "val_fraction": kw.pop("val_fraction"),
+        "test_fraction": kw.pop("test_fraction"),
+        "numeric": list(kw.pop("numeric")) or None,
+        "categorical": list(kw.pop("categorical")) or None,
+        "drop": list(kw.pop("drop")) or None,
+        "task_column": kw.pop("task_column"),
+    }
+    data_params = _parse_kv(kw.pop("data_param"), "--data-param")
+    if data in DATASETS:
+        given = [k for k, v in table_opts.items() if v]
+        if given:
+            raise click.BadParameter(f"{', '.join(given)} apply to table files, not to the built-in data set '{data}'")
+        return specs, data_params
+    options.update({k: v for k, v in table_opts.items() if v is not None})
+    if data_params:
+        raise click.BadParameter("--data-param applies to built-in data sets only")
+    return specs, options
+
+
+def _config(kw: dict[str, Any]) -> Any:
+    from polytask.train import TrainConfig
+
+    return TrainConfig(
+        epochs=kw.pop("epochs"),
+        batch_size=kw.pop("batch_size"),
+        lr=kw.pop("lr"),
+        weight_decay=kw.pop("weight_decay"),
+        schedule=kw.pop("schedule"),
+        warmup_steps=kw.pop("warmup_steps"),
+        grad_clip=kw.pop("grad_clip"),
+        patience=kw.pop("patience"),
+        seed=kw.pop("seed"),
+        max_steps_per_epoch=kw.pop("max_steps_per_epoch"),
+    )
+
+
+def _print_metrics(title: str, metrics: dict[str, dict[str, float]]) -> None:
+    click.echo(title)
+    for task, ms in metrics.items():
+        click.echo(f"  {task:<20} " + "  ".join(f"{k}={v:.4f}" for k, v in ms.items()))
+
+
+@cli.command()
+@click.argument("data")
+@_data_options
+@click.option("--model", default="shared-bottom", show_default=True, help="Architecture (see `polytask models`).")
+@click.option("--model-param", multiple=True, help="Architecture hyper-parameter KEY=VALUE; repeat.")
+@click.option("--balancer", default="equal", show_default=True, help="Balancer (see `polytask balancers`).")
+@click.option("--balancer-param", multiple=True, help="Balancer hyper-parameter KEY=VALUE; repeat.")
+@_train_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+def fit(data: str, **kw: Any) -> None:
+    """Train a multi-task model on DATA (a CSV/Parquet file or a built-in data set name)."""
+    from polytask.train import fit as fit_run
+
+    specs, options = _collect_data(data, kw)
+    split_seed = kw.pop("split_seed")
+    quiet = kw.pop("quiet")
+    config = _config(kw)
+    res = fit_run(
+        data,
+        specs or None,
+        model=kw["model"],
+        model_params=_parse_kv(kw["model_param"], "--model-param"),
+        balancer=kw["balancer"],
+        balancer_params=_parse_kv(kw["balancer_param"], "--balancer-param"),
+        config=config,
+        output=kw["output"],
+        resume=kw["resume"],
+        progress=not quiet,
+        data_options=options,
+        data_seed=split_seed,
+    )
+    click.echo(f"best epoch: {res.best_epoch}; {res.seconds_per_epoch:.2f} s/epoch; run written to {kw['output']}")
+    _print_metrics("validation:", res.val)
+    if res.test is not None:
+        _print_metrics("test:", res.test)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("data", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def evaluate(run_dir: str, data: str | None, as_json: bool) -> None:
+    """Metrics of a run's best model on its own val/test splits, or on DATA."""
+    from polytask.train import evaluate as evaluate_run
+    from polytask.train import load_run
+
+    out = evaluate_run(run_dir, data)
+    diag = load_run(run_dir).model.diagnostics()
+    if as_json:
+        click.echo(json.dumps({"metrics": out, "diagnostics": diag}, indent=1))
+        return
+    for split, metrics in out.items():
+        _print_metrics(f"{split}:", metrics)
+    if diag:
+        click.echo("diagnostics: " + json.dumps(diag))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("data")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="CSV file to write.")
+def predict(run_dir: str, data: str, output: str) -> None:
+    """Per-task predictions of a run's best model for every row of DATA, written as CSV."""
+    from polytask.train import predict as predict_run
+    from polytask.train._checkpoint import atomic_write_text
+
+    df = predict_run(run_dir, data)
+    atomic_write_text(output, df.to_csv(index=False))
+    click.echo(f"{len(df)} rows x {len(df.columns)} columns written to {output}")
+
+
+@cli.command()
+@click.argument("data")
+@_data_options
+@click.option(
+    "--models", default="single,shared-bottom,mmoe", show_default=True, help="Comma-separated architectures."
+)
+@click.option("--balancer", default="equal", show_default=True)
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated training seeds.")
+@_train_options
+@click.option("--output", "-o", type=click.Path(file_okay=False), default=None, help="Folder for runs and summary.")
+def compare(data: str, **kw: Any) -> None:
+    """Train several architectures on DATA and report them against the single-task baseline."""
+    from polytask.bench.compare import compare as compare_runs
+
+    specs, options = _collect_data(data, kw)
+    split_seed = kw.pop("split_seed")
+    quiet = kw.pop("quiet")
+    config = _config(kw)
+    res = compare_runs(
+        data,
+        specs or None,
+        models=[m.strip() for m in kw["models"].split(",") if m.strip()],
+        balancer=kw["balancer"],
+        config=config,
+        seeds=[int(s) for s in kw["seeds"].split(",")],
+        output=kw["output"],
+        progress=not quiet,
+        data_options=options,
+        echo=click.echo,
+        data_seed=split_seed,
+    )
+    click.echo(res.table())
+
+
+@cli.command()
+@click.option("--output", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--n-train", default=10000, show_default=True, help="Multi-MNIST training images used.")
+@click.option("--epochs", default=4, show_default=True)
+@click.option("--quiet", is_flag=True)
+def demo(output: str, n_train: int, epochs: int, quiet: bool) -> None:
+    """Multi-MNIST: single-task vs shared-bottom vs MMoE, with per-task accuracy and Δm."""
+    import shutil
+
+    from polytask.bench.compare import compare as compare_runs
+    from polytask.data import load_dataset
+    from polytask.train import TrainConfig
+
+    t0 = time.perf_counter()
+    out = Path(output)
+    if out.exists():
+        shutil.rmtree(out)
+    bundle = load_dataset("multi-mnist", n_train=n_train, n_val=2000, n_test=10000)
+    bundle.meta["source"] = {
+        "source": "multi-mnist",
+        "builtin": True,
+        "tasks": [],
+        "options": {"n_train": n_train, "n_val": 2000, "n_test": 10000},
+        "seed": 0,
+    }
+    click.echo(f"Multi-MNIST: {len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test images")
+    cfg = TrainConfig(epochs=epochs, batch_size=128, lr=1e-3, patience=None)
+    res = compare_runs(
+        bundle,
+        models=["single", "shared-bottom", "mmoe"],
+        config=cfg,
+        output=out,
+        progress=not quiet,
+        echo=click.echo,
+    )
+    acc = {t: ["accuracy"] for t in res.tasks}
+    click.echo("\nTest accuracy per task (Δm% < 0 and Δp > 0 mean multi-task learning helped):\n")
+    click.echo(res.table(metrics=acc))
+    click.echo(f"\nruns, checkpoints and summary written to {out}/ in {time.perf_counter() - t0:.0f} s")
+
+
+@cli.command()
+def models() -> None:
+    """List every architecture with its paper and hyper-parameters."""
+    from polytask.nn import MODELS
+
+    for name, e in sorted(MODELS.items()):
+        params = ", ".join(f"{k}={v}" for k, v in e.defaults.items())
+        click.echo(f"{name:<15} {e.description}\n{'':<15} paper: {e.paper}\n{'':<15} params: {params}")
+
+
+@cli.command()
+def balancers() -> None:
+    """List every balancer with its paper and hyper-parameters."""
+    from polytask.balance import BALANCERS
+
+    for name, e in sorted(BALANCERS.items()):
+        params = ", ".join(f"{k}={v}" for k, v in e.defaults.items()) or "(none)"
+        click.echo(f"{name:<15} {e.description}\n{'':<15} paper: {e.paper}\n{'':<15} params: {params}")
+
+
+@cli.command()
+def datasets() -> None:
+    """List the built-in data sets."""
+    from polytask.data import DATASETS
+
+    for name, e in sorted(DATASETS.items()):
+        click.echo(f"{name:<22} {e.description} ({e.source})")
+
+
+def main() -> None:
+    cli(prog_name="polytask")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Data: tables and built-in data sets as tensors with per-task label masks, plus the data/cache dirs.
+
+Importing this package registers the built-in data sets (``census-*``, ``mnist``, ``multi-*``) in
+:data:`DATASETS`; loading one reads files only when its loader is called.
+"""
+
+from __future__ import annotations
+
+from polytask.data import census, vision
+from polytask.data._bundle import DATASETS, DataBundle, load_dataset, register_dataset
+from polytask.data._datadir import DataIntegrityError, cache_dir, data_dir, resolve, sha256_file, verify_file
+from polytask.data._table import (
+    ColumnError,
+    TableEncoder,
+    TaskSpecLike,
+    load_table,
+    load_task_column_pair,
+    read_table,
+    split_indices,
+)
+from polytask.data._tensors import Batch, InputSpec, TaskTensors
+
+__all__ = [
+    "DATASETS",
+    "Batch",
+    "ColumnError",
+    "DataBundle",
+    "DataIntegrityError",
+    "InputSpec",
+    "TableEncoder",
+    "TaskSpecLike",
+    "TaskTensors",
+    "cache_dir",
+    "census",
+    "data_dir",
+    "load_dataset",
+    "load_table",
+    "load_task_column_pair",
+    "read_table",
+    "register_dataset",
+    "resolve",
+    "sha256_file",
+    "split_indices",
+    "verify_file",
+    "vision",
+]

@@ -1,0 +1,30 @@
+"""Training: the loop, selection on validation, checkpoints and resume, and the run-level API."""
+
+from polytask.train._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from polytask.train._run import LoadedRun, evaluate, fit, load_data, load_run, predict
+from polytask.train._trainer import (
+    FitResult,
+    NonFiniteLossError,
+    Trainer,
+    TrainConfig,
+    evaluate_model,
+    predict_model,
+)
+
+__all__ = [
+    "CheckpointError",
+    "FitResult",
+    "LoadedRun",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "evaluate_model",
+    "fit",
+    "load_checkpoint",
+    "load_data",
+    "load_run",
+    "predict",
+    "predict_model",
+    "save_checkpoint",
+]

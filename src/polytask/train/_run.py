@@ -1,0 +1,206 @@
+"""The run-level API that the CLI mirrors: fit, load, evaluate and predict a run directory.
+
+A run directory holds ``config.json`` (how it was made), ``metrics.jsonl`` (one line per epoch),
+``checkpoints/`` (``best`` and ``last``, safetensors + JSON) and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from polytask.balance import build_balancer
+from polytask.data import DATASETS, DataBundle, InputSpec, TableEncoder, load_dataset, load_table, read_table
+from polytask.nn import MultiTaskModel, build_model
+from polytask.tasks import Task, TaskKind
+from polytask.train._checkpoint import CheckpointError, atomic_write_text, load_checkpoint
+from polytask.train._trainer import FitResult, Trainer, TrainConfig, evaluate_model, predict_model
+
+__all__ = ["LoadedRun", "evaluate", "fit", "load_data", "load_run", "predict"]
+
+
+def load_data(
+    source: str | Path | DataBundle,
+    tasks: list[str] | None = None,
+    *,
+    seed: int = 0,
+    **options: Any,
+) -> DataBundle:
+    """A built-in data set by name (``multi-mnist``, ``census-group1``, ...) or a CSV/Parquet file.
+
+    For files, ``tasks`` are ``NAME:KIND`` specs and ``options`` go to :func:`polytask.data.load_table`
+    (``val``, ``test``, ``numeric``, ``categorical``, ``drop``, ``task_column``, fractions); for
+    built-in sets, ``tasks`` selects task names and ``options`` go to the set's loader.
+    """
+    if isinstance(source, DataBundle):
+        return source.select_tasks([t.split(":")[0] for t in tasks]) if tasks else source
+    name = str(source)
+    if name in DATASETS:
+        bundle = load_dataset(name, seed=seed, **options)
+        if tasks:
+            bundle = bundle.select_tasks([t.split(":")[0] for t in tasks])
+    elif not tasks:
+        raise ValueError(f"{name}: name the targets with --task NAME:KIND (e.g. --task income:binary)")
+    else:
+        bundle = load_table(name, tasks=tasks, seed=seed, **options)
+    # How to load these exact splits again (for evaluate/predict on the run directory).
+    bundle.meta["source"] = {
+        "source": name,
+        "builtin": name in DATASETS,
+        "tasks": list(tasks or []),
+        "options": dict(options),
+        "seed": seed,
+    }
+    return bundle
+
+
+def fit(
+    data: str | Path | DataBundle,
+    tasks: list[str] | None = None,
+    *,
+    model: str = "shared-bottom",
+    model_params: dict[str, Any] | None = None,
+    balancer: str = "equal",
+    balancer_params: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
+    output: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data_options: dict[str, Any] | None = None,
+    data_seed: int = 0,
+) -> FitResult:
+    """Train ``model`` on ``data`` with ``balancer``; the Python twin of ``polytask fit``.
+
+    ``data_seed`` fixes the train/val/test split (kept the same across training seeds so that runs
+    with different ``config.seed`` are comparable).
+    """
+    config = config or TrainConfig()
+    data_options = dict(data_options or {})
+    bundle = load_data(data, tasks, seed=data_seed, **data_options)
+    torch.manual_seed(config.seed)
+    net = build_model(model, bundle.tasks, bundle.input_spec, **(model_params or {}))
+    bal = build_balancer(balancer, bundle.tasks, **(balancer_params or {}))
+    source = bundle.meta.get("source", {"source": bundle.name, "builtin": False, "in_memory": True})
+    meta = {
+        "data_source": source,
+        "model": {"name": model, "params": dict(model_params or {})},
+        "balancer": {"name": balancer, "params": dict(balancer_params or {})},
+    }
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_doc = {**meta, "train_config": config.to_dict(), "tasks": [t.to_dict() for t in bundle.tasks]}
+        cfg_path = out / "config.json"
+        if resume and cfg_path.exists():
+            saved = json.loads(cfg_path.read_text())
+            if saved.get("model") != meta["model"] or saved.get("balancer") != meta["balancer"]:
+                raise ValueError(f"cannot resume {out}: model or balancer differ from the saved run")
+        atomic_write_text(cfg_path, json.dumps(cfg_doc, indent=1))
+    trainer = Trainer(net, bundle, bal, config, output, progress=progress, run_meta=meta)
+    return trainer.fit(resume=resume)
+
+
+@dataclass
+class LoadedRun:
+    model: MultiTaskModel
+    tasks: list[Task]
+    input_spec: InputSpec
+    encoder: TableEncoder | None
+    meta: dict[str, Any]
+
+
+def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
+    """Rebuild the model of a run from its checkpoint (``best`` by default, else ``last``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    path = run_dir / "checkpoints" / f"{which}.json"
+    if not path.exists() and which == "best":
+        path = run_dir / "checkpoints" / "last.json"
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} holds no checkpoint (looked for checkpoints/best.json and last.json)")
+    tensors, meta = load_checkpoint(path)
+    try:
+        tasks = [Task.from_dict(t) for t in meta["tasks"]]
+        spec = InputSpec.from_dict(meta["input_spec"])
+        net = build_model(meta["model"]["name"], tasks, spec, **meta["model"]["params"])
+        net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match its model description: {e}") from e
+    encoder = TableEncoder.from_dict(meta["encoder"]) if meta.get("encoder") else None
+    net.eval()
+    return LoadedRun(net, tasks, spec, encoder, meta)
+
+
+def _labelled_data(run: LoadedRun, data: str | Path | None) -> dict[str, DataBundle | Any]:
+    src = run.meta["data_source"]
+    if data is None:
+        if src.get("in_memory"):
+            raise ValueError(f"this run was trained on in-memory data '{src['source']}'; pass the DATA to evaluate on")
+        opts = dict(src.get("options", {}))
+        if src["builtin"]:
+            bundle = load_dataset(src["source"], seed=src["seed"], **opts)
+        else:
+            bundle = load_table(src["source"], tasks=src["tasks"], seed=src["seed"], **opts)
+        splits = {"val": bundle.val}
+        if bundle.test is not None:
+            splits["test"] = bundle.test
+        return splits
+    name = str(data)
+    if name in DATASETS:
+        bundle = load_dataset(name, seed=src["seed"])
+        return {"test": bundle.test if bundle.test is not None else bundle.val}
+    if run.encoder is None:
+        raise ValueError(f"{name}: this run was trained on the built-in data set '{src['source']}', not on a table")
+    return {name: run.encoder.transform(read_table(name))}
+
+
+def evaluate(run_dir: str | Path, data: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-task metrics of a run's best model: on its own val/test splits, or on ``data``."""
+    run = load_run(run_dir)
+    out = {}
+    for split, tensors in _labelled_data(run, data).items():
+        out[split] = evaluate_model(run.model, tensors.select_tasks([t.name for t in run.tasks]), run.tasks)
+    return out
+
+
+def predict(run_dir: str | Path, data: str | Path) -> pd.DataFrame:
+    """Per-task predictions for every row of ``data`` (a table file, or a built-in set's test split).
+
+    Columns: binary ``T`` (positive-class probability) and ``T:label``; multiclass ``T:label`` and
+    ``T:p[CLASS]``; multilabel ``T:p[LABEL]``; regression ``T`` in original units.
+    """
+    run = load_run(run_dir)
+    name = str(data)
+    if name in DATASETS:
+        bundle = load_dataset(name, seed=run.meta["data_source"]["seed"])
+        split = bundle.test if bundle.test is not None else bundle.val
+        x = split.x
+    else:
+        if run.encoder is None:
+            raise ValueError(f"{name}: this run was trained on a built-in data set; pass its name instead of a file")
+        x = run.encoder.transform_features(read_table(name))
+    raw = predict_model(run.model, x)
+    cols: dict[str, np.ndarray] = {}
+    for t in run.tasks:
+        p = t.decode(raw[t.name]).numpy()
+        classes = list(t.classes) or [str(i) for i in range(max(t.out_dim, 2))]
+        if t.kind is TaskKind.BINARY:
+            cols[t.name] = p
+            cols[f"{t.name}:label"] = np.where(p >= 0.5, classes[-1], classes[0])
+        elif t.kind is TaskKind.MULTICLASS:
+            cols[f"{t.name}:label"] = np.asarray(classes, dtype=object)[p.argmax(axis=1)]
+            for j, c in enumerate(classes):
+                cols[f"{t.name}:p[{c}]"] = p[:, j]
+        elif t.kind is TaskKind.MULTILABEL:
+            for j, c in enumerate(classes):
+                cols[f"{t.name}:p[{c}]"] = p[:, j]
+        else:
+            cols[t.name] = p
+    return pd.DataFrame(cols)

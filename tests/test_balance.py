@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polytask.balance import BALANCERS, GradientEngine, NoSharedParametersError, build_balancer
+from polytask.data import InputSpec
+from polytask.nn import build_model
+from polytask.tasks import Task
+
+TASKS = [Task("a", "binary"), Task("b", "multiclass", n_classes=3), Task("c", "regression")]
+SPEC = InputSpec("tabular", n_numeric=3, cardinalities=(4,))
+
+
+def _setup(model: str = "shared-bottom", no_labels_for: str | None = None):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    net = build_model(model, TASKS, SPEC)
+    n = 16
+    x = {"num": torch.randn(n, 3), "cat": torch.randint(0, 4, (n, 1))}
+    y = {"a": torch.randint(0, 2, (n,)).float(), "b": torch.randint(0, 3, (n,)), "c": torch.randn(n)}
+    mask = {t: torch.ones(n, dtype=torch.bool) for t in y}
+    if no_labels_for:
+        mask[no_labels_for][:] = False
+    preds, reps = net.forward_with_representation(x)
+    losses = {t.name: t.loss(preds[t.name], y[t.name], mask[t.name]) for t in TASKS}
+    shared_names = set(net.shared_parameter_names())
+    shared = [p for n_, p in net.named_parameters() if n_ in shared_names]
+    specific = [p for n_, p in net.named_parameters() if n_ not in shared_names]
+    return net, losses, GradientEngine(losses, shared, specific, reps), shared
+
+
+def _naive_grads(losses, params):  # type: ignore[no-untyped-def]
+    rows = []
+    for loss in losses.values():
+        gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("model", ["shared-bottom", "mmoe", "ple"])
+def test_jacobian_and_gramian_match_naive_reference(model: str) -> None:
+    _, losses, engine, shared = _setup(model)
+    ref = _naive_grads(losses, shared)
+    assert torch.allclose(engine.jacobian(), ref)
+    assert torch.allclose(engine.gramian(), ref @ ref.T)
+    assert engine.representation_jacobian().shape[0] == 3
+
+
+def test_task_without_labels_has_zero_row() -> None:
+    _, _, engine, _ = _setup(no_labels_for="b")
+    j = engine.jacobian()
+    assert torch.count_nonzero(j[1]) == 0 and torch.count_nonzero(j[0]) > 0
+    assert not torch.isnan(engine.gramian()).any()
+
+
+def test_backward_weighted_equals_weighted_sum_gradient() -> None:
+    net, losses, engine, shared = _setup()
+    ref = _naive_grads(losses, shared)
+    engine.backward_weighted({"a": 2.0, "b": 0.5, "c": 0.0})
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    assert torch.allclose(got, 2.0 * ref[0] + 0.5 * ref[1], atol=1e-6)
+
+
+def test_apply_shared_direction_gives_task_specific_params_their_own_gradient() -> None:
+    net, losses, engine, shared = _setup()
+    specific_ref = {}
+    for t in TASKS:
+        params = list(net.task_parameters(t.name))
+        gs = torch.autograd.grad(losses[t.name], params, retain_graph=True)
+        specific_ref.update({id(p): g for p, g in zip(params, gs)})
+    direction = torch.randn(sum(p.numel() for p in shared))
+    engine.apply_shared_direction(direction)
+    assert torch.equal(torch.cat([p.grad.reshape(-1) for p in shared]), direction)
+    for t in TASKS:
+        for p in net.task_parameters(t.name):
+            assert torch.allclose(p.grad, specific_ref[id(p)])
+
+
+def test_gradient_methods_need_shared_parameters() -> None:
+    _, _, engine, _ = _setup("single")
+    with pytest.raises(NoSharedParametersError, match="declares none; use a loss-level balancer"):
+        engine.jacobian()
+
+
+def test_uncertainty_weighting_reference_values() -> None:
+    net, losses, engine, _ = _setup()
+    bal = build_balancer("uncertainty", TASKS, init_log_var=0.5)
+    weights = bal.backward(losses, engine)
+    # classification: exp(-s); regression: exp(-s) / 2 (Kendall et al. 2018, eqs. 5 and 10)
+    assert weights["a"] == pytest.approx(torch.exp(torch.tensor(-0.5)).item())
+    assert weights["c"] == pytest.approx(0.5 * torch.exp(torch.tensor(-0.5)).item())
+    # d/ds [c exp(-s) L + s/2] = -c exp(-s) L + 1/2
+    expected = torch.tensor([-weights[t] * losses[t].item() + 0.5 for t in ("a", "b", "c")])
+    assert torch.allclose(bal.log_var.grad, expected, atol=1e-6)
+
+
+def test_equal_weighting_is_plain_sum() -> None:
+    net, losses, engine, shared = _setup()
+    ref = _naive_grads(losses, shared).sum(0)
+    assert build_balancer("equal", TASKS).backward(losses, engine) == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert torch.allclose(torch.cat([p.grad.reshape(-1) for p in shared]), ref, atol=1e-6)
+
+
+def test_registry_errors() -> None:
+    assert {"equal", "uncertainty"} <= set(BALANCERS)
+    with pytest.raises(KeyError, match="unknown balancer 'pcgradd'; available: .*equal"):
+        build_balancer("pcgradd", TASKS)
+    with pytest.raises(ValueError, match=r"balancer 'uncertainty' has no parameter \['alpha'\]; valid: init_log_var"):
+        build_balancer("uncertainty", TASKS, alpha=1.0)
