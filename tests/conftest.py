@@ -30,4 +30,3 @@ def data_dir() -> Path:
     if not env or not Path(env).is_dir():
         pytest.skip("no data directory (set POLYTASK_DATA to the data mirror)")
     return Path(env)
-

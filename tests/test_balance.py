@@ -33,7 +33,11 @@ def _naive_grads(losses, params):  # type: ignore[no-untyped-def]
     rows = []
     for loss in losses.values():
         gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))
+        rows.append(
+            torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params, strict=True)]
+            )
+        )
     return torch.stack(rows)
 
 
@@ -54,7 +58,7 @@ def test_task_without_labels_has_zero_row() -> None:
 
 
 def test_backward_weighted_equals_weighted_sum_gradient() -> None:
-    net, losses, engine, shared = _setup()
+    _, losses, engine, shared = _setup()
     ref = _naive_grads(losses, shared)
     engine.backward_weighted({"a": 2.0, "b": 0.5, "c": 0.0})
     got = torch.cat([p.grad.reshape(-1) for p in shared])
@@ -67,7 +71,7 @@ def test_apply_shared_direction_gives_task_specific_params_their_own_gradient() 
     for t in TASKS:
         params = list(net.task_parameters(t.name))
         gs = torch.autograd.grad(losses[t.name], params, retain_graph=True)
-        specific_ref.update({id(p): g for p, g in zip(params, gs)})
+        specific_ref.update({id(p): g for p, g in zip(params, gs, strict=True)})
     direction = torch.randn(sum(p.numel() for p in shared))
     engine.apply_shared_direction(direction)
     assert torch.equal(torch.cat([p.grad.reshape(-1) for p in shared]), direction)
@@ -83,7 +87,7 @@ def test_gradient_methods_need_shared_parameters() -> None:
 
 
 def test_uncertainty_weighting_reference_values() -> None:
-    net, losses, engine, _ = _setup()
+    _, losses, engine, _ = _setup()
     bal = build_balancer("uncertainty", TASKS, init_log_var=0.5)
     weights = bal.backward(losses, engine)
     # classification: exp(-s); regression: exp(-s) / 2 (Kendall et al. 2018, eqs. 5 and 10)
@@ -95,7 +99,7 @@ def test_uncertainty_weighting_reference_values() -> None:
 
 
 def test_equal_weighting_is_plain_sum() -> None:
-    net, losses, engine, shared = _setup()
+    _, losses, engine, shared = _setup()
     ref = _naive_grads(losses, shared).sum(0)
     assert build_balancer("equal", TASKS).backward(losses, engine) == {"a": 1.0, "b": 1.0, "c": 1.0}
     assert torch.allclose(torch.cat([p.grad.reshape(-1) for p in shared]), ref, atol=1e-6)
@@ -103,7 +107,7 @@ def test_equal_weighting_is_plain_sum() -> None:
 
 def test_registry_errors() -> None:
     assert {"equal", "uncertainty"} <= set(BALANCERS)
-    with pytest.raises(KeyError, match="unknown balancer 'pcgradd'; available: .*equal"):
+    with pytest.raises(KeyError, match=r"unknown balancer 'pcgradd'; available: .*equal"):
         build_balancer("pcgradd", TASKS)
     with pytest.raises(ValueError, match=r"balancer 'uncertainty' has no parameter \['alpha'\]; valid: init_log_var"):
         build_balancer("uncertainty", TASKS, alpha=1.0)

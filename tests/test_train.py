@@ -13,8 +13,8 @@ from polytask.tasks import Task
 from polytask.train import (
     CheckpointError,
     NonFiniteLossError,
-    Trainer,
     TrainConfig,
+    Trainer,
     load_checkpoint,
     load_run,
 )
@@ -46,7 +46,9 @@ def _trainer(run_dir: Path | None, model: str = "shared-bottom", **cfg: object) 
     torch.manual_seed(123)
     net = build_model(model, TASKS, SPEC)
     config = TrainConfig(**{"epochs": 4, "batch_size": 64, "lr": 3e-3, "patience": None, **cfg})  # type: ignore[arg-type]
-    return Trainer(net, bundle(), "equal", config, run_dir, progress=False, run_meta={"model": {"name": model, "params": {}}})
+    return Trainer(
+        net, bundle(), "equal", config, run_dir, progress=False, run_meta={"model": {"name": model, "params": {}}}
+    )
 
 
 def test_fit_learns_and_selects_on_validation(tmp_path: Path) -> None:
@@ -134,7 +136,9 @@ class _Exploding(MultiTaskModel):
 def test_nan_loss_stops_names_task_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     net = _Exploding(good_steps=12)  # 600 rows / 64 = 10 steps per epoch: NaN in epoch 2
     t = Trainer(net, bundle(), "equal", TrainConfig(epochs=4, batch_size=64, patience=None), tmp_path, progress=False)
-    with pytest.raises(NonFiniteLossError, match=r"loss of task\(s\) 'spend' became .* at epoch 2, step 3; .*last good"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss of task\(s\) 'spend' became .* at epoch 2, step 3; .*last good"
+    ):
         t.fit()
     tensors, meta = load_checkpoint(tmp_path / "checkpoints" / "last.json")
     assert meta["trainer_state"]["epoch"] == 1
@@ -150,10 +154,10 @@ def test_tampered_and_truncated_checkpoints_are_refused(tmp_path: Path) -> None:
     blob = bytearray(tensor_file.read_bytes())
     blob[-5] ^= 0xFF
     tensor_file.write_bytes(bytes(blob))
-    with pytest.raises(CheckpointError, match="fails its sha256 check .* truncated or modified"):
+    with pytest.raises(CheckpointError, match=r"fails its sha256 check .* truncated or modified"):
         load_checkpoint(ck / "best.json")
     (ck / "last.json").write_text((ck / "last.json").read_text()[:50])
-    with pytest.raises(CheckpointError, match="is not valid JSON .* truncated or corrupted"):
+    with pytest.raises(CheckpointError, match=r"is not valid JSON .* truncated or corrupted"):
         load_checkpoint(ck / "last.json")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(ck / "nope.json")
@@ -188,7 +192,14 @@ def test_single_task_baseline_selects_best_epoch_per_task(tmp_path: Path) -> Non
 def test_uncertainty_weighting_learns_its_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = build_model("shared-bottom", TASKS, SPEC)
-    t = Trainer(net, bundle(), "uncertainty", TrainConfig(epochs=3, batch_size=64, lr=1e-2, patience=None), tmp_path, progress=False)
+    t = Trainer(
+        net,
+        bundle(),
+        "uncertainty",
+        TrainConfig(epochs=3, batch_size=64, lr=1e-2, patience=None),
+        tmp_path,
+        progress=False,
+    )
     t.fit()
     log_var = t.balancer.log_var.detach()
     assert not torch.equal(log_var, torch.zeros(2))

@@ -96,7 +96,11 @@ def _train_options(f: Any) -> Any:
         click.option("--warmup-steps", default=0, show_default=True, help="Linear warm-up steps."),
         click.option("--grad-clip", type=float, default=None, help="Clip the global gradient norm to this value."),
         click.option(
-            "--patience", type=int, default=5, show_default=True, help="Stop after this many epochs without validation gain."
+            "--patience",
+            type=int,
+            default=5,
+            show_default=True,
+            help="Stop after this many epochs without validation gain.",
         ),
         click.option("--seed", default=0, show_default=True, help="Seed of initialisation, batches and dropout."),
         click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val/test split."),
@@ -117,7 +121,9 @@ def _data_options(f: Any) -> Any:
             help="Target as NAME:KIND (binary | multiclass | multiclass(N) | multilabel | regression); repeat. "
             "For built-in data sets, selects tasks by name.",
         ),
-        click.option("--tasks-file", type=click.Path(dir_okay=False), help="YAML file with 'tasks:' and table options."),
+        click.option(
+            "--tasks-file", type=click.Path(dir_okay=False), help="YAML file with 'tasks:' and table options."
+        ),
         click.option("--val", "val_file", type=click.Path(dir_okay=False), help="Validation table (else split off)."),
         click.option("--test", "test_file", type=click.Path(dir_okay=False), help="Test table (else split off)."),
         click.option("--val-fraction", type=float, default=None, help="Share of rows for validation (default 0.1)."),
@@ -258,9 +264,7 @@ def predict(run_dir: str, data: str, output: str) -> None:
 @cli.command()
 @click.argument("data")
 @_data_options
-@click.option(
-    "--models", default="single,shared-bottom,mmoe", show_default=True, help="Comma-separated architectures."
-)
+@click.option("--models", default="single,shared-bottom,mmoe", show_default=True, help="Comma-separated architectures.")
 @click.option("--balancer", default="equal", show_default=True)
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated training seeds.")
 @_train_options

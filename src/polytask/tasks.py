@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-class TaskKind(str, Enum):
+class TaskKind(StrEnum):
     BINARY = "binary"
     MULTICLASS = "multiclass"
     MULTILABEL = "multilabel"
@@ -104,9 +104,7 @@ class Task:
         if not self.name:
             raise ValueError("task name must be a non-empty string")
         if self.kind in (TaskKind.MULTICLASS, TaskKind.MULTILABEL) and self.n_classes < 2:
-            raise ValueError(
-                f"task '{self.name}': {self.kind.value} needs n_classes >= 2, got {self.n_classes}"
-            )
+            raise ValueError(f"task '{self.name}': {self.kind.value} needs n_classes >= 2, got {self.n_classes}")
         if self.kind is TaskKind.REGRESSION and not (self.y_std > 0 and math.isfinite(self.y_std)):
             raise ValueError(f"task '{self.name}': y_std must be positive and finite, got {self.y_std}")
 

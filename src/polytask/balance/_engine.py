@@ -66,7 +66,7 @@ class GradientEngine:
         weights: Mapping[str, float | torch.Tensor] | torch.Tensor | Sequence[float],
         extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        total = sum(w * self.losses[t] for w, t in zip(self._stack(weights), self.task_names))
+        total = sum(w * self.losses[t] for w, t in zip(self._stack(weights), self.task_names, strict=True))
         if extra is not None:
             total = total + extra
         return total  # type: ignore[return-value]
@@ -100,7 +100,12 @@ class GradientEngine:
                 else:
                     grads = (None,) * len(self.shared)
                 rows.append(
-                    torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.shared)])
+                    torch.cat(
+                        [
+                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                            for g, p in zip(grads, self.shared, strict=True)
+                        ]
+                    )
                 )
             self._jacobian = torch.stack(rows)
         return self._jacobian
@@ -122,7 +127,12 @@ class GradientEngine:
             else:
                 grads = (None,) * len(self.representation)
             rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(r)).reshape(-1) for g, r in zip(grads, self.representation)])
+                torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(r)).reshape(-1)
+                        for g, r in zip(grads, self.representation, strict=True)
+                    ]
+                )
             )
         return torch.stack(rows)
 

@@ -22,7 +22,8 @@ __all__ = ["UncertaintyWeighting"]
 
 @register_balancer(
     "uncertainty",
-    paper="Kendall et al., Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and Semantics, CVPR 2018",
+    paper="Kendall, Gal, Cipolla: Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry "
+    "and Semantics (CVPR 2018)",
     description="learned homoscedastic-uncertainty weights exp(-s_k) with a log-variance penalty",
     init_log_var=0.0,
 )
@@ -38,5 +39,5 @@ class UncertaintyWeighting(Balancer):
 
     def backward(self, losses: dict[str, torch.Tensor], engine: GradientEngine) -> dict[str, float]:
         w = self.scale * torch.exp(-self.log_var)
-        engine.backward_weighted(dict(zip(self.task_names, w)), extra=0.5 * self.log_var.sum())
-        return {t: float(v) for t, v in zip(self.task_names, w.detach())}
+        engine.backward_weighted(dict(zip(self.task_names, w, strict=True)), extra=0.5 * self.log_var.sum())
+        return {t: float(v) for t, v in zip(self.task_names, w.detach(), strict=True)}

@@ -32,9 +32,7 @@ class CompareResult:
 
     def mean(self, model: str) -> dict[str, dict[str, float]]:
         runs = list(self.test[model].values())
-        return {
-            t: {m: sum(r[t][m] for r in runs) / len(runs) for m in runs[0][t]} for t in runs[0]
-        }
+        return {t: {m: sum(r[t][m] for r in runs) / len(runs) for m in runs[0][t]} for t in runs[0]}
 
     def std(self, model: str) -> dict[str, dict[str, float]]:
         runs = list(self.test[model].values())

@@ -60,7 +60,9 @@ class DatasetEntry:
 DATASETS: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(name: str, description: str, source: str) -> Callable[[Callable[..., DataBundle]], Callable[..., DataBundle]]:
+def register_dataset(
+    name: str, description: str, source: str
+) -> Callable[[Callable[..., DataBundle]], Callable[..., DataBundle]]:
     """Register a built-in data set loader under ``name`` (used by ``polytask fit NAME``)."""
 
     def deco(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:

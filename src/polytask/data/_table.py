@@ -99,9 +99,9 @@ def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
         _check_unique_columns(pq.read_schema(p).names, str(p))
         return pd.read_parquet(p)
     sep = "\t" if suffix.startswith(".tsv") else ","
-    opener = gzip.open if suffix.endswith(".gz") else open
-    with opener(p, "rt", encoding="utf-8-sig", newline="") as f:  # type: ignore[operator]
-        header = next(csv.reader(io.StringIO(f.readline()), delimiter=sep), [])
+    raw = gzip.open(p, "rb") if suffix.endswith(".gz") else open(p, "rb")
+    with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader([f.readline()], delimiter=sep), [])
     if not header:
         raise ValueError(f"{p}: the file is empty (no header row)")
     _check_unique_columns(header, str(p))
@@ -300,7 +300,8 @@ def split_indices(
         val.append(part[:n_val])
         test.append(part[n_val : n_val + n_test])
         train.append(part[n_val + n_test :])
-    return tuple(np.sort(np.concatenate(p)).astype(np.int64) for p in (train, val, test))  # type: ignore[return-value]
+    tr, va, te = (np.sort(np.concatenate(p)).astype(np.int64) for p in (train, val, test))
+    return tr, va, te
 
 
 # ----------------------------------------------------------------------------- encoder

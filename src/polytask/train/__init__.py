@@ -5,8 +5,8 @@ from polytask.train._run import LoadedRun, evaluate, fit, load_data, load_run, p
 from polytask.train._trainer import (
     FitResult,
     NonFiniteLossError,
-    Trainer,
     TrainConfig,
+    Trainer,
     evaluate_model,
     predict_model,
 )

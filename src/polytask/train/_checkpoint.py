@@ -114,7 +114,8 @@ def load_checkpoint(json_path: Path | str) -> tuple[dict[str, torch.Tensor], dic
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {json_path} is not valid JSON ({e}); it is truncated or corrupted") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{json_path} is not a {FORMAT} checkpoint (format: {meta.get('format') if isinstance(meta, dict) else None!r})")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{json_path} is not a {FORMAT} checkpoint (format: {found!r})")
     tensor_path = json_path.parent / str(meta.get("tensors", ""))
     if not tensor_path.is_file():
         raise CheckpointError(f"checkpoint {json_path} points to missing tensor file {tensor_path}")

@@ -20,7 +20,7 @@ from polytask.data import DATASETS, DataBundle, InputSpec, TableEncoder, load_da
 from polytask.nn import MultiTaskModel, build_model
 from polytask.tasks import Task, TaskKind
 from polytask.train._checkpoint import CheckpointError, atomic_write_text, load_checkpoint
-from polytask.train._trainer import FitResult, Trainer, TrainConfig, evaluate_model, predict_model
+from polytask.train._trainer import FitResult, TrainConfig, Trainer, evaluate_model, predict_model
 
 __all__ = ["LoadedRun", "evaluate", "fit", "load_data", "load_run", "predict"]
 

@@ -130,7 +130,11 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                transient=True,
             )
 
     def __enter__(self) -> _Progress:
@@ -204,9 +208,7 @@ class Trainer:
         if self.config.max_steps_per_epoch:
             steps = min(steps, self.config.max_steps_per_epoch)
         self.steps_per_epoch = steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(self.config, steps)
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.config, steps))
         self.sampler = torch.Generator().manual_seed(self.config.seed)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -276,7 +278,9 @@ class Trainer:
             return
         meta = self._meta()
         meta["best_epoch"] = self.best_epoch
-        save_checkpoint(self.run_dir / "checkpoints", "best", {f"model.{k}": v for k, v in self.best_state.items()}, meta)
+        save_checkpoint(
+            self.run_dir / "checkpoints", "best", {f"model.{k}": v for k, v in self.best_state.items()}, meta
+        )
 
     def resume(self) -> bool:
         """Continue from ``run_dir/checkpoints/last``; returns False when there is nothing to resume."""
@@ -334,7 +338,7 @@ class Trainer:
             losses = {t.name: t.loss(preds[t.name], batch.y[t.name], batch.mask[t.name]) for t in self.tasks}
             stacked = torch.stack([v.detach() for v in losses.values()])
             if not bool(torch.isfinite(stacked).all()):
-                bad = [t for t, v in zip(losses, stacked.tolist()) if not math.isfinite(v)]
+                bad = [t for t, v in zip(losses, stacked.tolist(), strict=True) if not math.isfinite(v)]
                 raise NonFiniteLossError(
                     f"loss of task(s) {', '.join(repr(b) for b in bad)} became {stacked.tolist()} at epoch "
                     f"{self.epoch + 1}, step {step + 1}; training stopped"
@@ -437,7 +441,9 @@ class Trainer:
         )
         secs = [h["seconds"] for h in self.history]
         spe = sorted(secs)[len(secs) // 2] if secs else float("nan")
-        best: int | dict[str, int] = self.best_epoch.get("all", 0) if not self.model.independent else dict(self.best_epoch)
+        best: int | dict[str, int] = (
+            self.best_epoch.get("all", 0) if not self.model.independent else dict(self.best_epoch)
+        )
         result = FitResult(best, val, test, list(self.history), spe)
         if self.run_dir is not None:
             doc = {
