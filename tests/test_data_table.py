@@ -290,7 +290,7 @@ def test_mtl_regression_pair_computer(data_dir: Path) -> None:
 # ----------------------------------------------------------------------------- errors
 def test_unknown_columns_name_close_matches() -> None:
     df = _frame()
-    with pytest.raises(ColumnError, match=r"target column 'clickd' .*did you mean 'clicked'\? available"):
+    with pytest.raises(ColumnError, match=r"target column 'clickd' .*did you mean 'clicked'\?\); available"):
         TableEncoder(["clickd:binary"]).fit(df)
     with pytest.raises(ColumnError, match=r"unknown numeric column 'agee' .*did you mean 'age'"):
         TableEncoder(["clicked"], numeric=["agee"]).fit(df)

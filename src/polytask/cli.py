@@ -183,6 +183,16 @@ def _config(kw: dict[str, Any]) -> Any:
     )
 
 
+def _print_diagnostics(diag: dict[str, Any]) -> None:
+    """Expert usage per task and gate entropy, for mixture-of-experts models."""
+    usage = diag.get("expert_usage", {})
+    entropy = diag.get("gate_entropy", {})
+    for task, shares in usage.items():
+        bars = " ".join(f"{s:.2f}" for s in shares)
+        ent = f"  gate entropy {entropy[task]:.3f} nats" if task in entropy else ""
+        click.echo(f"  {task:<20} expert usage [{bars}]{ent}")
+
+
 def _print_metrics(title: str, metrics: dict[str, dict[str, float]]) -> None:
     click.echo(title)
     for task, ms in metrics.items():
@@ -234,17 +244,14 @@ def fit(data: str, **kw: Any) -> None:
 def evaluate(run_dir: str, data: str | None, as_json: bool) -> None:
     """Metrics of a run's best model on its own val/test splits, or on DATA."""
     from polytask.train import evaluate as evaluate_run
-    from polytask.train import load_run
 
-    out = evaluate_run(run_dir, data)
-    diag = load_run(run_dir).model.diagnostics()
+    out, diag = evaluate_run(run_dir, data, diagnostics=True)
     if as_json:
         click.echo(json.dumps({"metrics": out, "diagnostics": diag}, indent=1))
         return
     for split, metrics in out.items():
         _print_metrics(f"{split}:", metrics)
-    if diag:
-        click.echo("diagnostics: " + json.dumps(diag))
+        _print_diagnostics(diag.get(split, {}))
 
 
 @cli.command()

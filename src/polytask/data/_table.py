@@ -14,12 +14,13 @@ Two layouts are supported:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import gzip
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,8 @@ def _fmt_names(names: Iterable[Any], limit: int = 20) -> str:
 def _unknown_column(what: str, name: str, available: Iterable[Any], where: str = "the data") -> ColumnError:
     cols = [str(c) for c in available]
     close = difflib.get_close_matches(str(name), cols, n=3, cutoff=0.6)
-    hint = f"; did you mean {_fmt_names(close)}?" if close else ""
-    return ColumnError(f"unknown {what} '{name}' in {where}{hint} available columns: {_fmt_names(cols)}")
+    hint = f" (did you mean {_fmt_names(close)}?)" if close else ""
+    return ColumnError(f"unknown {what} '{name}' in {where}{hint}; available columns: {_fmt_names(cols)}")
 
 
 def _natural_key(s: str) -> tuple[int, float, str]:
@@ -770,6 +771,22 @@ def _stem(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix else path.stem
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Prefix the file name to a column/value error raised inside, keeping its type."""
+    try:
+        yield
+    except (ColumnError, ValueError) as e:
+        msg = str(e)
+        if msg.startswith(str(path)):
+            raise
+        try:
+            named = type(e)(f"{path}: {msg}")
+        except TypeError:
+            named = ValueError(f"{path}: {msg}")
+        raise named from e
+
+
 def load_table(
     path: str | os.PathLike[str],
     tasks: Sequence[TaskSpecLike],
@@ -812,7 +829,14 @@ def load_table(
         task_column=task_column,
         max_categories=max_categories,
         positive=positive,
-    ).fit(train_df)
+    )
+    with _naming(p):
+        enc.fit(train_df)
+        train_tensors = enc.transform(train_df)
+    with _naming(Path(val) if val is not None else p):
+        val_tensors = enc.transform(val_df)
+    with _naming(Path(test) if test is not None else p):
+        test_tensors = enc.transform(test_df) if test_df is not None else None
     split = {
         "train": len(train_df),
         "val": len(val_df),
@@ -826,9 +850,9 @@ def load_table(
         name=_stem(p),
         tasks=enc.tasks,
         input_spec=enc.input_spec,
-        train=enc.transform(train_df),
-        val=enc.transform(val_df),
-        test=enc.transform(test_df) if test_df is not None else None,
+        train=train_tensors,
+        val=val_tensors,
+        test=test_tensors,
         encoder=enc,
         meta={"source": str(p), "split": split},
     )

@@ -161,13 +161,21 @@ def _labelled_data(run: LoadedRun, data: str | Path | None) -> dict[str, DataBun
     return {name: run.encoder.transform(read_table(name))}
 
 
-def evaluate(run_dir: str | Path, data: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Per-task metrics of a run's best model: on its own val/test splits, or on ``data``."""
-    run = load_run(run_dir)
-    out = {}
+def evaluate(run_dir: str | Path | LoadedRun, data: str | Path | None = None, *, diagnostics: bool = False) -> Any:
+    """Per-task metrics of a run's best model by split: its own val/test splits, or ``data``.
+
+    With ``diagnostics=True`` returns ``(metrics, diagnostics)`` where diagnostics holds the
+    architecture's statistics (e.g. expert usage per task) gathered on each split.
+    """
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
+    metrics, diags = {}, {}
     for split, tensors in _labelled_data(run, data).items():
-        out[split] = evaluate_model(run.model, tensors.select_tasks([t.name for t in run.tasks]), run.tasks)
-    return out
+        run.model.reset_diagnostics()
+        metrics[split] = evaluate_model(run.model, tensors.select_tasks([t.name for t in run.tasks]), run.tasks)
+        diag = run.model.diagnostics()
+        if diag:
+            diags[split] = diag
+    return (metrics, diags) if diagnostics else metrics
 
 
 def predict(run_dir: str | Path, data: str | Path) -> pd.DataFrame:

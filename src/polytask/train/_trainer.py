@@ -403,6 +403,7 @@ class Trainer:
                 train_loss, weights = self._train_epoch(bar)
                 seconds = time.perf_counter() - t0
                 self.epoch += 1
+                self.model.reset_diagnostics()
                 val = evaluate_model(self.model, self.data.val, self.tasks, cfg.eval_batch_size)
                 improved = self._select(val)
                 self.bad_epochs = 0 if improved else self.bad_epochs + 1
