@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 . .venv/bin/activate
 export POLYTASK_DATA="${POLYTASK_DATA:-$(cd .. && pwd)/shared/data}"
-ruff check src tests benchmarks
-ruff format --check src tests benchmarks
+ruff check
+ruff format --check
 python -m pytest "$@"
