@@ -9,12 +9,12 @@ log-variances) are optimised with the model and saved in its checkpoint.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from polytask._registry import Entry, Registry
 from polytask.balance._engine import GradientEngine
 from polytask.tasks import Task
 
@@ -40,37 +40,18 @@ class Balancer(nn.Module):
         """Hook for methods that adapt between epochs (e.g. DWA); nothing by default."""
 
 
-@dataclass(frozen=True)
-class BalancerEntry:
-    name: str
-    cls: type[Balancer]
-    paper: str
-    description: str
-    defaults: dict[str, Any]
-
-
-BALANCERS: dict[str, BalancerEntry] = {}
+BalancerEntry = Entry[type[Balancer]]
+BALANCERS: Registry[type[Balancer]] = Registry("balancer")
 
 
 def register_balancer(
     name: str, paper: str, description: str, **defaults: Any
 ) -> Callable[[type[Balancer]], type[Balancer]]:
-    def deco(cls: type[Balancer]) -> type[Balancer]:
-        if name in BALANCERS:
-            raise ValueError(f"balancer '{name}' is registered twice")
-        BALANCERS[name] = BalancerEntry(name, cls, paper, description, dict(defaults))
-        return cls
-
-    return deco
+    """Class decorator: make a balancer available by ``name`` with its paper and defaults."""
+    return BALANCERS.register(name, paper, description, **defaults)
 
 
 def build_balancer(name: str, tasks: list[Task], **params: Any) -> Balancer:
     """Instantiate the balancer ``name``; unknown names or parameters get a one-line error."""
-    if name not in BALANCERS:
-        raise KeyError(f"unknown balancer '{name}'; available: {', '.join(sorted(BALANCERS))}")
-    entry = BALANCERS[name]
-    unknown = sorted(set(params) - set(entry.defaults))
-    if unknown:
-        valid = ", ".join(sorted(entry.defaults)) or "(none)"
-        raise ValueError(f"balancer '{name}' has no parameter {unknown}; valid: {valid}")
-    return entry.cls(tasks, **{**entry.defaults, **params})
+    cls, kwargs = BALANCERS.resolve(name, params)
+    return cls(tasks, **kwargs)

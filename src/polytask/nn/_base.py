@@ -8,12 +8,12 @@ tensor(s) that :meth:`MultiTaskModel.forward_with_representation` returns.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from polytask._registry import Entry, Registry
 from polytask.data._tensors import InputSpec
 from polytask.tasks import Task
 
@@ -100,40 +100,18 @@ class MultiTaskModel(nn.Module):
         return [n for n, _ in self.named_parameters() if n.startswith(dotted)]
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    cls: type[MultiTaskModel]
-    paper: str
-    description: str
-    defaults: dict[str, Any]
-
-
-MODELS: dict[str, ModelEntry] = {}
+ModelEntry = Entry[type[MultiTaskModel]]
+MODELS: Registry[type[MultiTaskModel]] = Registry("model")
 
 
 def register_model(
     name: str, paper: str, description: str, **defaults: Any
 ) -> Callable[[type[MultiTaskModel]], type[MultiTaskModel]]:
     """Class decorator: make an architecture available by ``name`` with its paper and defaults."""
-
-    def deco(cls: type[MultiTaskModel]) -> type[MultiTaskModel]:
-        if name in MODELS:
-            raise ValueError(f"model '{name}' is registered twice")
-        MODELS[name] = ModelEntry(name, cls, paper, description, dict(defaults))
-        return cls
-
-    return deco
+    return MODELS.register(name, paper, description, **defaults)
 
 
 def build_model(name: str, tasks: list[Task], input_spec: InputSpec, **params: Any) -> MultiTaskModel:
     """Instantiate the architecture ``name``; unknown names or parameters get a one-line error."""
-    if name not in MODELS:
-        raise KeyError(f"unknown model '{name}'; available: {', '.join(sorted(MODELS))}")
-    entry = MODELS[name]
-    unknown = sorted(set(params) - set(entry.defaults))
-    if unknown:
-        valid = ", ".join(sorted(entry.defaults)) or "(none)"
-        raise ValueError(f"model '{name}' has no parameter {unknown}; valid: {valid}")
-    kwargs = {**entry.defaults, **params}
-    return entry.cls(tasks, input_spec, **kwargs)
+    cls, kwargs = MODELS.resolve(name, params)
+    return cls(tasks, input_spec, **kwargs)
