@@ -194,3 +194,22 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     b = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert b["test"] == a["test"] and b["val"] == a["val"] and b["best_epoch"] == a["best_epoch"]
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_task_column_layout_end_to_end(tmp_path: Path) -> None:
+    """Each row belongs to one task (e.g. one school per row): one head per task, labels masked."""
+    rng = np.random.default_rng(0)
+    n = 1200
+    group = rng.choice(["s1", "s2", "s3"], n)
+    x = rng.normal(size=n)
+    slope = pd.Series(group).map({"s1": 1.0, "s2": 2.0, "s3": -1.0}).to_numpy()
+    pd.DataFrame({"x": x, "school": group, "score": slope * x + rng.normal(size=n) * 0.1}).to_csv(
+        tmp_path / "tc.csv", index=False
+    )
+    code, out = run("fit", tmp_path / "tc.csv", "--task-column", "school", "--task", "score:regression",
+                    "--epochs", 15, "--lr", 0.01, "--quiet", "-o", tmp_path / "run")  # fmt: skip
+    assert code == 0, out
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [t["name"] for t in res["tasks"]] == ["score@s1", "score@s2", "score@s3"]
+    # Opposite slopes are only learnable because each task has its own head and labels.
+    assert all(res["test"][t]["r2"] > 0.9 for t in ("score@s1", "score@s2", "score@s3"))
