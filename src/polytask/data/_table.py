@@ -196,6 +196,20 @@ def _factorize(series: pd.Series) -> tuple[np.ndarray, list[str]]:
     return remap[codes], list(values)
 
 
+MISSING_CLASS_LABEL = "-1"
+
+
+def _label_codes(series: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """:func:`_factorize` for class labels, where ``-1`` also marks a missing label (the convention
+    of multi-task data sets with partial labels)."""
+    codes, values = _factorize(series)
+    if MISSING_CLASS_LABEL in values:
+        i = values.index(MISSING_CLASS_LABEL)
+        codes = np.where(codes == i, -1, codes - (codes > i))
+        values = values[:i] + values[i + 1 :]
+    return codes, values
+
+
 def _lookup(codes: np.ndarray, values: list[str], vocab: Sequence[str]) -> np.ndarray:
     """Index of each coded value in ``vocab`` (-1 for missing or not in ``vocab``)."""
     lut = np.append(pd.Index(list(vocab), dtype=object).get_indexer(pd.Index(values, dtype=object)), -1)
@@ -482,8 +496,9 @@ class TableEncoder:
         if len(present) and _is_listlike(present.iloc[0]):
             return TaskKind.MULTILABEL
         distinct = _factorize(series)[1]
-        self._check_classes(name, set(distinct))
-        if len(distinct) == 2:
+        labels = _label_codes(series)[1]
+        self._check_classes(name, set(labels))
+        if len(labels) == 2:
             return TaskKind.BINARY
         try:
             vals = np.array([float(v) for v in distinct])
@@ -529,7 +544,7 @@ class TableEncoder:
             labels = {label for parts in cells for label in parts}
             classes = self._class_list(name, labels, n, kind)
             return Task(task_name, kind, n_classes=len(classes), classes=tuple(classes))
-        distinct = set(_factorize(series)[1])
+        distinct = set(_label_codes(series)[1])
         self._check_classes(name, distinct)
         if kind is TaskKind.BINARY:
             ordered = sorted(distinct, key=_natural_key)
@@ -694,7 +709,7 @@ class TableEncoder:
                     y[r, index[p]] = 1.0
             m = np.repeat(present[:, None], len(task.classes), axis=1)
             return torch.from_numpy(y), torch.from_numpy(m)
-        raw, values = _factorize(series)
+        raw, values = _label_codes(series)
         codes = _lookup(raw, values, task.classes)
         missing = raw < 0
         bad = (codes < 0) & ~missing
