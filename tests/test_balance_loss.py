@@ -1,0 +1,91 @@
+"""Loss-level balancers: reference values and defining properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from polytask.balance import BALANCERS, GradientEngine, build_balancer
+from polytask.data import load_dataset
+from polytask.tasks import Task
+from polytask.train import TrainConfig, Trainer
+
+TASKS = [Task("a", "regression"), Task("b", "regression"), Task("c", "regression")]
+
+
+def _engine(values: list[float]) -> tuple[GradientEngine, torch.nn.Parameter]:
+    """Losses L_k = v_k * theta^2 at theta = 1, so dL_k/dtheta = 2 v_k."""
+    theta = torch.nn.Parameter(torch.ones(()))
+    losses = {t.name: v * theta**2 for t, v in zip(TASKS, values, strict=True)}
+    return GradientEngine(losses, [theta]), theta
+
+
+def test_fixed_weights() -> None:
+    engine, theta = _engine([1.0, 2.0, 3.0])
+    w = build_balancer("fixed", TASKS, weights={"a": 0.5, "c": 2.0}).backward(engine.losses, engine)
+    assert w == {"a": 0.5, "b": 1.0, "c": 2.0}  # 'b' keeps its Task.weight
+    assert theta.grad.item() == pytest.approx(2 * (0.5 * 1 + 1 * 2 + 2 * 3))
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['z'\]"):
+        build_balancer("fixed", TASKS, weights={"z": 1.0})
+
+
+def test_dwa_reference_values() -> None:
+    bal = build_balancer("dwa", TASKS, temperature=2.0)
+    engine, _ = _engine([1.0, 1.0, 1.0])
+    assert bal.backward(engine.losses, engine) == {"a": 1.0, "b": 1.0, "c": 1.0}
+    bal.epoch_end(1, {"a": 2.0, "b": 1.0, "c": 4.0})
+    bal.epoch_end(2, {"a": 1.0, "b": 1.0, "c": 4.0})
+    engine, _ = _engine([1.0, 1.0, 1.0])
+    w = bal.backward(engine.losses, engine)
+    # r = (0.5, 1, 1); w = 3 * softmax(r / 2)
+    e = [math.exp(0.25), math.exp(0.5), math.exp(0.5)]
+    assert [w[t] for t in "abc"] == pytest.approx([3 * x / sum(e) for x in e])
+    # The state lives in buffers, so a checkpoint restores it.
+    other = build_balancer("dwa", TASKS)
+    other.load_state_dict(bal.state_dict())
+    assert torch.equal(other.w, bal.w)
+
+
+def test_rlw_draws_a_point_of_the_simplex_reproducibly() -> None:
+    torch.manual_seed(0)
+    engine, _ = _engine([1.0, 1.0, 1.0])
+    w1 = build_balancer("rlw", TASKS).backward(engine.losses, engine)
+    torch.manual_seed(0)
+    engine, _ = _engine([1.0, 1.0, 1.0])
+    w2 = build_balancer("rlw", TASKS).backward(engine.losses, engine)
+    assert w1 == w2 and sum(w1.values()) == pytest.approx(1.0) and min(w1.values()) > 0
+
+
+def test_gls_gradient_is_that_of_the_geometric_mean() -> None:
+    engine, theta = _engine([1.0, 2.0, 4.0])
+    w = build_balancer("gls", TASKS).backward(engine.losses, engine)
+    # G(theta) = (8 theta^6)^(1/3) = 2 theta^2 -> dG/dtheta = 4 at theta = 1
+    assert theta.grad.item() == pytest.approx(4.0)
+    assert [w[t] for t in "abc"] == pytest.approx([2 / 3, 1 / 3, 1 / 6])
+    engine, theta = _engine([1.0, 0.0, 4.0])  # a task without labels has loss exactly 0
+    w = build_balancer("gls", TASKS).backward(engine.losses, engine)
+    assert w["b"] == 0.0 and math.isfinite(theta.grad.item())
+    assert theta.grad.item() == pytest.approx(2 * 2.0)  # sqrt(1 * 4) theta^2 -> 2 * 2
+
+
+def test_imtl_l_scales_are_driven_to_equalise_scaled_losses() -> None:
+    bal = build_balancer("imtl-l", TASKS)
+    engine, _ = _engine([1.0, 2.0, 4.0])
+    bal.backward(engine.losses, engine)
+    # d/ds [e^s L - s] = e^s L - 1 at s = 0
+    assert bal.s.grad.tolist() == pytest.approx([0.0, 1.0, 3.0])
+
+
+@pytest.mark.parametrize("name", sorted(BALANCERS))
+def test_every_balancer_trains_multi_mnist_without_nan(name: str, data_dir: object) -> None:
+    data = load_dataset("multi-mnist", n_train=512, n_val=128, n_test=128)
+    from polytask.nn import build_model
+
+    torch.manual_seed(0)
+    model = build_model("shared-bottom", data.tasks, data.input_spec)
+    cfg = TrainConfig(epochs=1, batch_size=64, patience=None)
+    res = Trainer(model, data, name, cfg, progress=False).fit()
+    assert all(math.isfinite(v) for m in res.val.values() for v in m.values())
+    assert all(math.isfinite(w) for w in res.history[0]["weights"].values())
