@@ -18,7 +18,7 @@ TASKS = [Task("a", "regression"), Task("b", "regression"), Task("c", "regression
 def _engine(values: list[float]) -> tuple[GradientEngine, torch.nn.Parameter]:
     """Losses L_k = v_k * theta^2 at theta = 1, so dL_k/dtheta = 2 v_k."""
     theta = torch.nn.Parameter(torch.ones(()))
-    losses = {t.name: v * theta**2 for t, v in zip(TASKS, values, strict=True)}
+    losses = {t.name: v * theta**2 for t, v in zip(TASKS[: len(values)], values, strict=True)}
     return GradientEngine(losses, [theta]), theta
 
 
@@ -89,3 +89,55 @@ def test_every_balancer_trains_multi_mnist_without_nan(name: str, data_dir: obje
     res = Trainer(model, data, name, cfg, progress=False).fit()
     assert all(math.isfinite(v) for m in res.val.values() for v in m.values())
     assert all(math.isfinite(w) for w in res.history[0]["weights"].values())
+
+
+def test_famo_weights_and_logit_update() -> None:
+    bal = build_balancer("famo", TASKS[:2])
+    engine, _ = _engine([2.0, 1.0])
+    w = bal.backward(engine.losses, engine)
+    # z uniform at the start: w_k = (1/L_k) / sum_j (1/L_j)
+    assert [w["a"], w["b"]] == pytest.approx([(1 / 2) / 1.5, 1 / 1.5])
+    # Task a's loss halves while b's stays: a is learning faster, so its logit (weight) drops.
+    engine, _ = _engine([1.0, 1.0])
+    bal.backward(engine.losses, engine)
+    z = torch.softmax(bal.xi, 0)
+    assert z[0] < z[1]
+    restored = build_balancer("famo", TASKS[:2])
+    restored.load_state_dict(bal.state_dict())
+    assert torch.equal(restored.xi, bal.xi) and torch.equal(restored.adam_v, bal.adam_v)
+
+
+def test_stch_warmup_then_smooth_max() -> None:
+    bal = build_balancer("stch", TASKS[:2], mu=0.5, warmup_epochs=1)
+    engine, theta = _engine([2.0, 4.0])
+    w = bal.backward(engine.losses, engine)
+    assert [w["a"], w["b"]] == pytest.approx([1 / 2, 1 / 4])  # warm-up: sum of log-losses
+    assert theta.grad.item() == pytest.approx(2 + 2)  # d/dtheta [log 2 theta^2 + log 4 theta^2] = 4 / theta
+    bal.epoch_end(1, {"a": 2.0, "b": 4.0})
+    assert bal.nadir.tolist() == [2.0, 4.0]
+    engine, theta = _engine([1.0, 4.0])  # a improved by half relative to its nadir, b did not
+    w = bal.backward(engine.losses, engine)
+    z = torch.tensor([math.log(0.5), 0.0]) / 0.5
+    soft = torch.softmax(z, 0)
+    assert [w["a"], w["b"]] == pytest.approx([soft[0].item() / 1.0, soft[1].item() / 4.0])
+    # gradient of mu * logsumexp(...) = sum_k soft_k * dlog L_k/dtheta = sum_k soft_k * 2 at theta = 1
+    assert theta.grad.item() == pytest.approx(2.0)
+
+
+def test_gradnorm_moves_weights_towards_equal_gradient_norms() -> None:
+    from polytask.data import InputSpec
+    from polytask.nn import build_model
+
+    tasks = [Task("a", "regression"), Task("b", "regression")]
+    torch.manual_seed(0)
+    net = build_model("shared-bottom", tasks, InputSpec("tabular", n_numeric=3, cardinalities=(4,)))
+    x = {"num": torch.randn(32, 3), "cat": torch.randint(0, 4, (32, 1))}
+    preds, reps = net.forward_with_representation(x)
+    # Task b's labels are 10x larger: its gradient at the representation is much larger.
+    losses = {"a": tasks[0].loss(preds["a"], torch.randn(32)), "b": tasks[1].loss(preds["b"], 10 * torch.randn(32))}
+    shared = list(net.shared_parameters())
+    engine = GradientEngine(losses, shared, [p for p in net.parameters() if all(p is not s for s in shared)], reps)
+    bal = build_balancer("gradnorm", tasks, alpha=1.5)
+    w = bal.backward(losses, engine)
+    assert w == {"a": 1.0, "b": 1.0}
+    assert bal.w.grad[1] > 0 > bal.w.grad[0]  # descent lowers w_b and raises w_a
