@@ -111,3 +111,76 @@ def test_registry_errors() -> None:
         build_balancer("pcgradd", TASKS)
     with pytest.raises(ValueError, match=r"balancer 'uncertainty' has no parameter \['alpha'\]; valid: init_log_var"):
         build_balancer("uncertainty", TASKS, alpha=1.0)
+
+
+def _fast_setup(model: str, spec: InputSpec = SPEC, no_labels_for: str | None = None, n: int = 16):  # type: ignore[no-untyped-def]
+    from polytask.balance._capture import capture_linear
+
+    torch.manual_seed(0)
+    net = build_model(model, TASKS, spec)
+    if spec.kind == "image":
+        x = {"image": torch.rand(n, 1, 28, 28)}
+    else:
+        x = {"num": torch.randn(n, 3), "cat": torch.randint(0, 4, (n, 1))}
+    y = {"a": torch.randint(0, 2, (n,)).float(), "b": torch.randint(0, 3, (n,)), "c": torch.randn(n)}
+    mask = {t: torch.ones(n, dtype=torch.bool) for t in y}
+    if no_labels_for:
+        mask[no_labels_for][:] = False
+    shared_names = set(net.shared_parameter_names())
+    shared = [p for n_, p in net.named_parameters() if n_ in shared_names]
+    specific = [p for n_, p in net.named_parameters() if n_ not in shared_names]
+    with capture_linear(net, shared) as caps:
+        preds, reps = net.forward_with_representation(x)
+    assert caps, "the model has shared linear layers to capture"
+    losses = {t.name: t.loss(preds[t.name], y[t.name], mask[t.name]) for t in TASKS}
+    return net, losses, GradientEngine(losses, shared, specific, reps, caps), shared, specific
+
+
+IMAGE = InputSpec("image", channels=1, height=28, width=28)
+
+
+@pytest.mark.parametrize(
+    ("model", "spec", "no_labels_for"),
+    [
+        ("shared-bottom", SPEC, None),
+        ("mmoe", SPEC, None),
+        ("ple", SPEC, "b"),
+        ("shared-bottom", IMAGE, None),  # LeNet: convolutions take the generic path, fc the fast one
+        ("mmoe", IMAGE, "a"),
+    ],
+)
+def test_fast_engine_matches_naive_reference(model: str, spec: InputSpec, no_labels_for: str | None) -> None:
+    net, losses, engine, shared, specific = _fast_setup(model, spec, no_labels_for)
+    ref = _naive_grads(losses, shared)
+    assert torch.allclose(engine.gramian(), ref @ ref.T, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(engine.jacobian(), ref, atol=1e-6)
+    # Combined update: shared parameters get J^T w, task-specific ones their own task's gradient.
+    own = {}
+    for t in TASKS:
+        params = list(net.task_parameters(t.name))
+        if losses[t.name].requires_grad:
+            gs = torch.autograd.grad(losses[t.name], params, retain_graph=True, allow_unused=True)
+        else:
+            gs = [None] * len(params)
+        own.update({id(p): (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, gs, strict=True)})
+    w = torch.tensor([0.2, 1.5, -0.3])
+    engine.apply_shared_weights(dict(zip(["a", "b", "c"], w.tolist(), strict=True)))
+    got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared])
+    assert torch.allclose(got, w @ ref, atol=1e-5)
+    for p in specific:
+        assert torch.allclose(p.grad if p.grad is not None else torch.zeros_like(p), own[id(p)], atol=1e-6)
+
+
+@pytest.mark.parametrize(("m", "width", "out"), [(8, 300, 200), (512, 20, 10)])
+def test_layer_gramian_both_contractions_agree(m: int, width: int, out: int) -> None:
+    """Kernel form <D_k, X X^T D_l> (large layers, few rows) and explicit dW_k = D_k^T X (small layers)."""
+    from polytask.balance._engine import _Layer
+
+    torch.manual_seed(0)
+    layer = _Layer(
+        torch.nn.Linear(width, out),
+        torch.randn(m, width, dtype=torch.float64),
+        torch.randn(3, m, out, dtype=torch.float64),
+    )
+    explicit = layer.per_task().reshape(3, -1)
+    assert torch.allclose(layer.gramian(), explicit @ explicit.T)

@@ -2,9 +2,26 @@
 
 It is lazy. A loss-level balancer calls :meth:`GradientEngine.backward_weighted` and pays for one
 ordinary backward pass of the weighted sum; nothing per task is computed. Gradient-level balancers
-ask for :meth:`jacobian` (K x shared parameters), :meth:`gramian` (K x K) or
-:meth:`representation_jacobian`, then hand a direction for the shared parameters back to
-:meth:`apply_shared_direction`; task-specific parameters always receive their own task's gradient.
+ask for :meth:`gramian` (K x K), :meth:`jacobian` (K x shared parameters) or
+:meth:`representation_jacobian`, then hand back either weights (:meth:`apply_shared_weights`: the
+shared parameters get ``J^T w``) or a direction (:meth:`apply_shared_direction`); task-specific
+parameters always receive their own task's gradient.
+
+Fast path. When the trainer captured the shared ``nn.Linear`` layers' inputs and outputs during the
+forward pass (:func:`polytask.balance._capture.capture_linear`), the engine runs one batched
+activation-gradient pass (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over the K
+task losses) that yields each task's output gradient ``delta_k`` at every captured layer, and the
+full per-task gradients of the remaining (non-linear-layer) shared parameters. Then, per layer with
+input ``X`` (M rows) and deltas ``D_k``:
+
+* Gramian: ``<dW_k, dW_l> = <D_k, (X X^T) D_l>``, computed either that way (cost ~ M^2 (in + K out))
+  or by forming ``dW_k = D_k^T X`` (cost ~ K M out in), whichever is cheaper for the layer's shape;
+* update: ``sum_k w_k dW_k = (sum_k w_k D_k)^T X``: one matmul, the weight-gradient pass of a
+  single ordinary backward.
+
+So an exact Gramian-based step costs one forward, one batched pass of K activation gradients and
+one weight-gradient pass, against one forward and K full backward passes for the naive method.
+Without captures the engine falls back to K ``autograd.grad`` calls (the reference the tests use).
 """
 
 from __future__ import annotations
@@ -14,11 +31,76 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from polytask.balance._capture import CapturedLinear
+
 __all__ = ["GradientEngine", "NoSharedParametersError"]
+
+Weights = Mapping[str, float | torch.Tensor] | torch.Tensor | Sequence[float]
 
 
 class NoSharedParametersError(ValueError):
     """A gradient-level balancer was used on a model that declares no shared parameters."""
+
+
+def _batched_grads(
+    outputs: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool = True
+) -> list[torch.Tensor]:
+    """Gradients of each entry of ``outputs`` (K,) with respect to each input: ``(K, *input.shape)``."""
+    k = outputs.shape[0]
+    if not inputs:
+        return []
+    if not outputs.requires_grad:
+        return [torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
+    eye = torch.eye(k, dtype=outputs.dtype, device=outputs.device)
+    try:
+        grads = torch.autograd.grad(
+            outputs, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
+        )
+    except RuntimeError:
+        # An op without a vmap rule for its backward: fall back to K ordinary passes.
+        rows = [
+            torch.autograd.grad(outputs[i], inputs, retain_graph=True, allow_unused=True) if outputs[i].requires_grad
+            else (None,) * len(inputs)
+            for i in range(k)
+        ]  # fmt: skip
+        grads = tuple(
+            torch.stack([r[j] if r[j] is not None else torch.zeros_like(x) for r in rows]) for j, x in enumerate(inputs)
+        )
+    return [
+        g if g is not None else torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)
+        for g, x in zip(grads, inputs, strict=True)
+    ]
+
+
+class _Layer:
+    """A captured linear layer's stacked inputs (bias column appended) and per-task output gradients."""
+
+    def __init__(self, module: nn.Linear, x: torch.Tensor, deltas: torch.Tensor) -> None:
+        self.module = module
+        if module.bias is not None:
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+        self.x = x  # (M, in [+1])
+        self.d = deltas  # (K, M, out)
+
+    def per_task(self) -> torch.Tensor:
+        """``[dW_k | db_k]`` for every task: ``(K, out, in [+1])``."""
+        return torch.einsum("kmo,mi->koi", self.d, self.x)
+
+    def gramian(self) -> torch.Tensor:
+        k, m, out = self.d.shape
+        width = self.x.shape[1]
+        cost_explicit = k * m * out * width + k * k * out * width
+        cost_kernel = m * m * width + k * m * m * out + k * k * m * out
+        if cost_explicit <= cost_kernel:
+            g = self.per_task().reshape(k, -1)
+            return g @ g.T
+        kernel = self.x @ self.x.T  # (M, M)
+        mixed = torch.einsum("mn,kno->kmo", kernel, self.d)
+        return torch.einsum("kmo,lmo->kl", self.d, mixed)
+
+    def combined(self, w: torch.Tensor) -> torch.Tensor:
+        """``sum_k w_k [dW_k | db_k]``: ``(out, in [+1])``."""
+        return torch.einsum("k,kmo->mo", w.to(self.d.dtype), self.d).T @ self.x
 
 
 class GradientEngine:
@@ -30,6 +112,7 @@ class GradientEngine:
         specific: the task-specific parameters.
         representation: shared representation tensor(s) from the model's forward pass, for
             representation-level balancers.
+        captures: shared linear layers recorded during the forward pass (enables the fast path).
     """
 
     def __init__(
@@ -38,19 +121,26 @@ class GradientEngine:
         shared: Sequence[nn.Parameter],
         specific: Sequence[nn.Parameter] = (),
         representation: Sequence[torch.Tensor] = (),
+        captures: Sequence[CapturedLinear] | None = None,
     ) -> None:
         self.losses = dict(losses)
         self.task_names = list(self.losses)
         self.shared = [p for p in shared if p.requires_grad]
         self.specific = [p for p in specific if p.requires_grad]
         self.representation = list(representation)
+        self.captures = [c for c in (captures or []) if c.outputs]
+        self._per_task: dict[int, torch.Tensor] | None = None  # id(param) -> (K, *shape), non-layer params
+        self._layers: list[_Layer] | None = None
+        self._specific_grads: list[torch.Tensor] | None = None
+        self._rep_grads: list[torch.Tensor] | None = None
         self._jacobian: torch.Tensor | None = None
+        self._gramian: torch.Tensor | None = None
 
     @property
     def n_tasks(self) -> int:
         return len(self.task_names)
 
-    def _stack(self, weights: Mapping[str, float | torch.Tensor] | torch.Tensor | Sequence[float]) -> list:
+    def _vector(self, weights: Weights) -> list:
         if isinstance(weights, Mapping):
             unknown = set(weights) - set(self.task_names)
             if unknown:
@@ -61,25 +151,75 @@ class GradientEngine:
             raise ValueError(f"expected {self.n_tasks} weights, got {len(w)}")
         return w
 
-    def weighted_loss(
-        self,
-        weights: Mapping[str, float | torch.Tensor] | torch.Tensor | Sequence[float],
-        extra: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        total = sum(w * self.losses[t] for w, t in zip(self._stack(weights), self.task_names, strict=True))
+    def _stacked_losses(self) -> torch.Tensor:
+        return torch.stack([self.losses[t] for t in self.task_names])
+
+    # -------------------------------------------------------------- loss level
+    def weighted_loss(self, weights: Weights, extra: torch.Tensor | None = None) -> torch.Tensor:
+        total = sum(w * self.losses[t] for w, t in zip(self._vector(weights), self.task_names, strict=True))
         if extra is not None:
             total = total + extra
         return total  # type: ignore[return-value]
 
-    def backward_weighted(
-        self,
-        weights: Mapping[str, float | torch.Tensor] | torch.Tensor | Sequence[float],
-        extra: torch.Tensor | None = None,
-    ) -> None:
-        """One ordinary backward pass of ``sum_k w_k L_k (+ extra)``; no per-task work."""
-        self.weighted_loss(weights, extra).backward()
+    def backward_weighted(self, weights: Weights, extra: torch.Tensor | None = None) -> None:
+        """One ordinary backward pass of ``sum_k w_k L_k (+ extra)``; no per-task work. Every
+        parameter, shared or task-specific, receives the weighted gradient."""
+        total = self.weighted_loss(weights, extra)
+        if isinstance(total, torch.Tensor) and total.requires_grad:
+            total.backward()
 
     # -------------------------------------------------------------- per-task gradients
+    def _require_shared(self) -> None:
+        if not self.shared:
+            raise NoSharedParametersError(
+                "this balancer needs per-task gradients of shared parameters, but the model declares none; "
+                "use a loss-level balancer (e.g. --balancer equal) or a shared architecture"
+            )
+
+    def _pass(self) -> None:
+        """The batched activation-gradient pass (fast path) or K full passes (reference path)."""
+        if self._per_task is not None:
+            return
+        self._require_shared()
+        layer_params = set()
+        for c in self.captures:
+            layer_params.add(id(c.module.weight))
+            if c.module.bias is not None:
+                layer_params.add(id(c.module.bias))
+        others = [p for p in self.shared if id(p) not in layer_params]
+        outputs = [y for c in self.captures for y in c.outputs]
+        inputs = [*outputs, *others, *self.specific, *self.representation]
+        grads = _batched_grads(self._stacked_losses(), inputs)
+        k = self.n_tasks
+        pos = 0
+        self._layers = []
+        for c in self.captures:
+            n = len(c.outputs)
+            ds = grads[pos : pos + n]
+            pos += n
+            x = torch.cat([xi.reshape(-1, xi.shape[-1]) for xi in c.inputs])
+            d = torch.cat([di.reshape(k, -1, di.shape[-1]) for di in ds], dim=1)
+            self._layers.append(_Layer(c.module, x, d))
+        self._per_task = {id(p): g for p, g in zip(others, grads[pos : pos + len(others)], strict=True)}
+        pos += len(others)
+        self._specific_grads = grads[pos : pos + len(self.specific)]
+        pos += len(self.specific)
+        self._rep_grads = grads[pos:]
+
+    def _param_grads(self) -> list[torch.Tensor]:
+        """Per-task gradient of every shared parameter, in ``shared`` order: ``(K, numel)`` each."""
+        self._pass()
+        assert self._per_task is not None and self._layers is not None
+        k = self.n_tasks
+        by_id = {pid: g.reshape(k, -1) for pid, g in self._per_task.items()}
+        for layer in self._layers:
+            full = layer.per_task()
+            w = layer.module.weight
+            by_id[id(w)] = full[:, :, : w.shape[1]].reshape(k, -1)
+            if layer.module.bias is not None:
+                by_id[id(layer.module.bias)] = full[:, :, -1]
+        return [by_id[id(p)] for p in self.shared]
+
     def jacobian(self) -> torch.Tensor:
         """Per-task gradients of the shared parameters, flattened: ``(K, P)``.
 
@@ -87,67 +227,87 @@ class GradientEngine:
         zero row.
         """
         if self._jacobian is None:
-            if not self.shared:
-                raise NoSharedParametersError(
-                    "this balancer needs per-task gradients of shared parameters, but the model "
-                    "declares none; use a loss-level balancer (e.g. --balancer equal) or a shared architecture"
-                )
-            rows = []
-            for t in self.task_names:
-                loss = self.losses[t]
-                if loss.requires_grad:
-                    grads = torch.autograd.grad(loss, self.shared, retain_graph=True, allow_unused=True)
-                else:
-                    grads = (None,) * len(self.shared)
-                rows.append(
-                    torch.cat(
-                        [
-                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                            for g, p in zip(grads, self.shared, strict=True)
-                        ]
-                    )
-                )
-            self._jacobian = torch.stack(rows)
+            self._jacobian = torch.cat(self._param_grads(), dim=1)
         return self._jacobian
 
     def gramian(self) -> torch.Tensor:
-        """``J J^T`` of the shared-parameter Jacobian: ``(K, K)``."""
-        j = self.jacobian()
-        return j @ j.T
+        """``J J^T`` of the shared-parameter Jacobian ``(K, K)``, without forming J where possible."""
+        if self._gramian is None:
+            if self._jacobian is not None:
+                self._gramian = self._jacobian @ self._jacobian.T
+            else:
+                self._pass()
+                assert self._per_task is not None and self._layers is not None
+                k = self.n_tasks
+                dtype = self._stacked_losses().dtype
+                g = torch.zeros(k, k, dtype=dtype)
+                for layer in self._layers:
+                    g = g + layer.gramian()
+                for pg in self._per_task.values():
+                    flat = pg.reshape(k, -1)
+                    g = g + flat @ flat.T
+                self._gramian = g
+        return self._gramian
 
     def representation_jacobian(self) -> torch.Tensor:
-        """Per-task gradients of the shared representation (all tensors, flattened): ``(K, R)``."""
+        """Per-task gradients of the shared representation (all tensors, flattened): ``(K, R)``.
+
+        Costs K backward passes through the task heads only, unless the full pass already ran.
+        """
         if not self.representation:
             raise NoSharedParametersError("this model exposes no shared representation")
-        rows = []
-        for t in self.task_names:
-            loss = self.losses[t]
-            if loss.requires_grad:
-                grads = torch.autograd.grad(loss, self.representation, retain_graph=True, allow_unused=True)
-            else:
-                grads = (None,) * len(self.representation)
-            rows.append(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(r)).reshape(-1)
-                        for g, r in zip(grads, self.representation, strict=True)
-                    ]
-                )
-            )
-        return torch.stack(rows)
+        if self._rep_grads is None:
+            self._rep_grads = _batched_grads(self._stacked_losses(), self.representation)
+        k = self.n_tasks
+        return torch.cat([g.reshape(k, -1) for g in self._rep_grads], dim=1)
+
+    # -------------------------------------------------------------- applying an update
+    def _own_task_gradients(self) -> None:
+        """Give every task-specific parameter its own task's gradient."""
+        if not self.specific:
+            return
+        if self._specific_grads is not None:
+            for p, g in zip(self.specific, self._specific_grads, strict=True):
+                _accumulate(p, g.sum(0))  # rows of other tasks are zero
+            return
+        total = self._stacked_losses().sum()
+        if total.requires_grad:
+            torch.autograd.backward(total, inputs=self.specific, retain_graph=True)
+
+    def apply_shared_weights(self, weights: Weights) -> None:
+        """Shared parameters get ``sum_k w_k g_k`` (``J^T w``); task-specific ones their own gradient."""
+        self._pass()
+        assert self._per_task is not None and self._layers is not None
+        w = torch.as_tensor([float(v) for v in self._vector(weights)], dtype=self._stacked_losses().dtype)
+        for layer in self._layers:
+            full = layer.combined(w)
+            weight = layer.module.weight
+            _accumulate(weight, full[:, : weight.shape[1]])
+            if layer.module.bias is not None:
+                _accumulate(layer.module.bias, full[:, -1])
+        for p in self.shared:
+            if id(p) in self._per_task:
+                g = self._per_task[id(p)]
+                _accumulate(p, torch.tensordot(w.to(g.dtype), g, dims=1))
+        self._own_task_gradients()
 
     def apply_shared_direction(self, direction: torch.Tensor) -> None:
         """Set the shared parameters' gradients to ``direction`` (flattened, length P) and give each
-        task-specific parameter its own task's gradient (one backward of the plain sum)."""
-        if self.specific:
-            total = sum(self.losses[t] for t in self.task_names)
-            if total.requires_grad:  # type: ignore[union-attr]
-                torch.autograd.backward(total, inputs=self.specific)  # type: ignore[arg-type]
+        task-specific parameter its own task's gradient."""
+        self._require_shared()
         offset = 0
+        total = sum(p.numel() for p in self.shared)
+        if total != direction.numel():
+            raise ValueError(f"direction has {direction.numel()} entries, shared parameters have {total}")
         for p in self.shared:
             n = p.numel()
-            g = direction[offset : offset + n].view_as(p).to(p.dtype)
-            p.grad = g.clone() if p.grad is None else p.grad + g
+            _accumulate(p, direction[offset : offset + n].view_as(p))
             offset += n
-        if offset != direction.numel():
-            raise ValueError(f"direction has {direction.numel()} entries, shared parameters have {offset}")
+        if self._specific_grads is None and self.captures:
+            self._pass()
+        self._own_task_gradients()
+
+
+def _accumulate(p: nn.Parameter, g: torch.Tensor) -> None:
+    g = g.detach().to(p.dtype).reshape(p.shape)
+    p.grad = g.clone() if p.grad is None else p.grad + g

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from polytask.balance import Balancer, GradientEngine, build_balancer
+from polytask.balance._capture import capture_linear
 from polytask.data._bundle import DataBundle
 from polytask.data._tensors import TaskTensors
 from polytask.evaluate.metrics import compute_metrics, primary_score
@@ -334,7 +335,13 @@ class Trainer:
             if idx.numel() == 0:
                 break
             batch = data.take(idx)
-            preds, reps = self.model.forward_with_representation(batch.x)
+            if self.balancer.level == "gradient":
+                # Record shared linear layers so the engine can build Gramians layer by layer.
+                with capture_linear(self.model, self._shared) as captures:
+                    preds, reps = self.model.forward_with_representation(batch.x)
+            else:
+                captures = None
+                preds, reps = self.model.forward_with_representation(batch.x)
             losses = {t.name: t.loss(preds[t.name], batch.y[t.name], batch.mask[t.name]) for t in self.tasks}
             stacked = torch.stack([v.detach() for v in losses.values()])
             if not bool(torch.isfinite(stacked).all()):
@@ -346,7 +353,7 @@ class Trainer:
                     + "; try a lower --lr or --grad-clip"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            engine = GradientEngine(losses, self._shared, self._specific, reps)
+            engine = GradientEngine(losses, self._shared, self._specific, reps, captures)
             weights = self.balancer.backward(losses, engine)
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
