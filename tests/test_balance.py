@@ -182,5 +182,6 @@ def test_layer_gramian_both_contractions_agree(m: int, width: int, out: int) -> 
         torch.randn(m, width, dtype=torch.float64),
         torch.randn(3, m, out, dtype=torch.float64),
     )
-    explicit = layer.per_task().reshape(3, -1)
+    dw, db = layer.per_task()
+    explicit = torch.cat([dw.reshape(3, -1), db], dim=1)
     assert torch.allclose(layer.gramian(), explicit @ explicit.T)

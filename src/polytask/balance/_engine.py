@@ -73,34 +73,41 @@ def _batched_grads(
 
 
 class _Layer:
-    """A captured linear layer's stacked inputs (bias column appended) and per-task output gradients."""
+    """A captured linear layer's stacked inputs ``X`` (M, in) and per-task output gradients ``D`` (K, M, out)."""
 
     def __init__(self, module: nn.Linear, x: torch.Tensor, deltas: torch.Tensor) -> None:
         self.module = module
-        if module.bias is not None:
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-        self.x = x  # (M, in [+1])
-        self.d = deltas  # (K, M, out)
+        self.has_bias = module.bias is not None
+        self.x = x
+        self.d = deltas
 
-    def per_task(self) -> torch.Tensor:
-        """``[dW_k | db_k]`` for every task: ``(K, out, in [+1])``."""
-        return torch.einsum("kmo,mi->koi", self.d, self.x)
+    def per_task(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``dW_k`` (K, out, in) and ``db_k`` (K, out) for every task."""
+        return torch.einsum("kmo,mi->koi", self.d, self.x), (self.d.sum(1) if self.has_bias else None)
 
     def gramian(self) -> torch.Tensor:
         k, m, out = self.d.shape
-        width = self.x.shape[1]
+        width = self.x.shape[1] + self.has_bias
         cost_explicit = k * m * out * width + k * k * out * width
         cost_kernel = m * m * width + k * m * m * out + k * k * m * out
         if cost_explicit <= cost_kernel:
-            g = self.per_task().reshape(k, -1)
-            return g @ g.T
-        kernel = self.x @ self.x.T  # (M, M)
-        mixed = torch.einsum("mn,kno->kmo", kernel, self.d)
-        return torch.einsum("kmo,lmo->kl", self.d, mixed)
+            dw, db = self.per_task()
+            g = dw.reshape(k, -1)
+            gram = g @ g.T
+            return gram + db @ db.T if db is not None else gram
+        # <dW_k, dW_l> + <db_k, db_l> = <D_k, (X X^T + 1) D_l>: one (M x M) @ (M x K*out) product,
+        # then a (K x M*out) @ (M*out x K) one.
+        kernel = self.x @ self.x.T
+        if self.has_bias:
+            kernel += 1.0
+        d_rows = self.d.permute(1, 0, 2).reshape(m, k * out)
+        mixed = (kernel @ d_rows).reshape(m, k, out).permute(1, 0, 2).reshape(k, m * out)
+        return self.d.reshape(k, m * out) @ mixed.T
 
-    def combined(self, w: torch.Tensor) -> torch.Tensor:
-        """``sum_k w_k [dW_k | db_k]``: ``(out, in [+1])``."""
-        return torch.einsum("k,kmo->mo", w.to(self.d.dtype), self.d).T @ self.x
+    def combined(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``sum_k w_k dW_k`` (out, in) and ``sum_k w_k db_k`` (out,): the one weight-gradient pass."""
+        dw = torch.einsum("k,kmo->mo", w.to(self.d.dtype), self.d)
+        return dw.T @ self.x, (dw.sum(0) if self.has_bias else None)
 
 
 class GradientEngine:
@@ -213,11 +220,10 @@ class GradientEngine:
         k = self.n_tasks
         by_id = {pid: g.reshape(k, -1) for pid, g in self._per_task.items()}
         for layer in self._layers:
-            full = layer.per_task()
-            w = layer.module.weight
-            by_id[id(w)] = full[:, :, : w.shape[1]].reshape(k, -1)
-            if layer.module.bias is not None:
-                by_id[id(layer.module.bias)] = full[:, :, -1]
+            dw, db = layer.per_task()
+            by_id[id(layer.module.weight)] = dw.reshape(k, -1)
+            if db is not None:
+                by_id[id(layer.module.bias)] = db
         return [by_id[id(p)] for p in self.shared]
 
     def jacobian(self) -> torch.Tensor:
@@ -280,11 +286,10 @@ class GradientEngine:
         assert self._per_task is not None and self._layers is not None
         w = torch.as_tensor([float(v) for v in self._vector(weights)], dtype=self._stacked_losses().dtype)
         for layer in self._layers:
-            full = layer.combined(w)
-            weight = layer.module.weight
-            _accumulate(weight, full[:, : weight.shape[1]])
-            if layer.module.bias is not None:
-                _accumulate(layer.module.bias, full[:, -1])
+            dw, db = layer.combined(w)
+            _accumulate(layer.module.weight, dw)
+            if db is not None:
+                _accumulate(layer.module.bias, db)
         for p in self.shared:
             if id(p) in self._per_task:
                 g = self._per_task[id(p)]
@@ -310,4 +315,8 @@ class GradientEngine:
 
 def _accumulate(p: nn.Parameter, g: torch.Tensor) -> None:
     g = g.detach().to(p.dtype).reshape(p.shape)
-    p.grad = g.clone() if p.grad is None else p.grad + g
+    if p.grad is None:
+        # A fresh result owns its storage; only views of shared buffers need a copy.
+        p.grad = g if g._base is None else g.clone()
+    else:
+        p.grad += g
