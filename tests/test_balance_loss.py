@@ -141,3 +141,40 @@ def test_gradnorm_moves_weights_towards_equal_gradient_norms() -> None:
     w = bal.backward(losses, engine)
     assert w == {"a": 1.0, "b": 1.0}
     assert bal.w.grad[1] > 0 > bal.w.grad[0]  # descent lowers w_b and raises w_a
+
+
+def test_db_mtl_reference_and_checkpoint_round_trip() -> None:
+    from polytask.data import InputSpec
+    from polytask.nn import build_model
+
+    tasks = [Task("a", "regression"), Task("b", "regression")]
+    spec = InputSpec("tabular", n_numeric=3, cardinalities=(4,))
+    torch.manual_seed(0)
+    net = build_model("shared-bottom", tasks, spec)
+    shared = list(net.shared_parameters())
+    specific = [p for p in net.parameters() if all(p is not s for s in shared)]
+    bal = build_balancer("db-mtl", tasks, beta=0.9, beta_sigma=0.5)
+    ema = None
+    for step in (1, 2):
+        for p in net.parameters():
+            p.grad = None
+        x = {"num": torch.randn(16, 3), "cat": torch.randint(0, 4, (16, 1))}
+        preds = net(x)
+        losses = {"a": tasks[0].loss(preds["a"], torch.randn(16)), "b": tasks[1].loss(preds["b"], 5 * torch.randn(16))}
+        ref_j = torch.stack(
+            [
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, shared, retain_graph=True)])
+                for v in losses.values()
+            ]
+        )
+        inv = torch.stack([1 / (v.detach() + 1e-8) for v in losses.values()])
+        g = ref_j * inv[:, None]
+        ema = g if ema is None else g + 0.9 / step**0.5 * (ema - g)
+        norms = ema.norm(dim=1)
+        expected = (norms.max() / (norms + 1e-8)) @ ema
+        bal.backward(losses, GradientEngine(losses, shared, specific))
+        got = torch.cat([p.grad.reshape(-1) for p in shared])
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+    restored = build_balancer("db-mtl", tasks)
+    restored.load_state_dict(bal.state_dict())
+    assert torch.equal(restored.grad_ema, bal.grad_ema) and int(restored.step) == 2

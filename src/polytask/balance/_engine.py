@@ -268,20 +268,24 @@ class GradientEngine:
         return torch.cat([g.reshape(k, -1) for g in self._rep_grads], dim=1)
 
     # -------------------------------------------------------------- applying an update
-    def _own_task_gradients(self) -> None:
-        """Give every task-specific parameter its own task's gradient."""
+    def _own_task_gradients(self, own_weights: Weights | None = None) -> None:
+        """Give every task-specific parameter its own task's gradient (times ``own_weights[k]``)."""
         if not self.specific:
             return
+        w = None if own_weights is None else torch.as_tensor([float(v) for v in self._vector(own_weights)])
         if self._specific_grads is not None:
             for p, g in zip(self.specific, self._specific_grads, strict=True):
-                _accumulate(p, g.sum(0))  # rows of other tasks are zero
+                # Rows of other tasks are zero, so the (weighted) row sum is the own-task gradient.
+                _accumulate(p, g.sum(0) if w is None else torch.tensordot(w.to(g.dtype), g, dims=1))
             return
-        total = self._stacked_losses().sum()
+        total = self._stacked_losses() if w is None else self._stacked_losses() * w
+        total = total.sum()
         if total.requires_grad:
             torch.autograd.backward(total, inputs=self.specific, retain_graph=True)
 
-    def apply_shared_weights(self, weights: Weights) -> None:
-        """Shared parameters get ``sum_k w_k g_k`` (``J^T w``); task-specific ones their own gradient."""
+    def apply_shared_weights(self, weights: Weights, own_weights: Weights | None = None) -> None:
+        """Shared parameters get ``sum_k w_k g_k`` (``J^T w``); task-specific ones their own gradient
+        (scaled by ``own_weights`` when given)."""
         self._pass()
         assert self._per_task is not None and self._layers is not None
         w = torch.as_tensor([float(v) for v in self._vector(weights)], dtype=self._stacked_losses().dtype)
@@ -294,11 +298,11 @@ class GradientEngine:
             if id(p) in self._per_task:
                 g = self._per_task[id(p)]
                 _accumulate(p, torch.tensordot(w.to(g.dtype), g, dims=1))
-        self._own_task_gradients()
+        self._own_task_gradients(own_weights)
 
-    def apply_shared_direction(self, direction: torch.Tensor) -> None:
+    def apply_shared_direction(self, direction: torch.Tensor, own_weights: Weights | None = None) -> None:
         """Set the shared parameters' gradients to ``direction`` (flattened, length P) and give each
-        task-specific parameter its own task's gradient."""
+        task-specific parameter its own task's gradient (scaled by ``own_weights`` when given)."""
         self._require_shared()
         offset = 0
         total = sum(p.numel() for p in self.shared)
@@ -310,7 +314,7 @@ class GradientEngine:
             offset += n
         if self._specific_grads is None and self.captures:
             self._pass()
-        self._own_task_gradients()
+        self._own_task_gradients(own_weights)
 
 
 def _accumulate(p: nn.Parameter, g: torch.Tensor) -> None:
