@@ -1,6 +1,30 @@
 """Balancers: how per-task losses and gradients combine into one update."""
 
-from polytask.balance import db_mtl, dwa, equal, famo, fixed, gls, gradnorm, imtl_l, rlw, stch, uncertainty  # noqa: F401  (registers them)
+from polytask.balance import (  # noqa: F401  (registers them)
+    aligned_mtl,
+    cagrad,
+    config,
+    db_mtl,
+    dualproj,
+    dwa,
+    equal,
+    fairgrad,
+    famo,
+    fixed,
+    gls,
+    graddrop,
+    gradnorm,
+    gradvac,
+    imtl_g,
+    imtl_l,
+    mgda,
+    nash_mtl,
+    pcgrad,
+    rlw,
+    stch,
+    uncertainty,
+    upgrad,
+)
 from polytask.balance._base import BALANCERS, Balancer, BalancerEntry, build_balancer, register_balancer
 from polytask.balance._engine import GradientEngine, NoSharedParametersError
 
