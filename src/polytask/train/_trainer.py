@@ -25,7 +25,7 @@ from torch import nn
 from polytask.balance import Balancer, GradientEngine, build_balancer
 from polytask.balance._capture import capture_linear
 from polytask.data._bundle import DataBundle
-from polytask.data._tensors import TaskTensors
+from polytask.data._tensors import Batch, TaskTensors
 from polytask.evaluate.metrics import compute_metrics, primary_score
 from polytask.nn._base import MultiTaskModel
 from polytask.tasks import Task
@@ -320,6 +320,37 @@ class Trainer:
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
 
     # ------------------------------------------------------------------ loop
+    def step(self, batch: Batch, step: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One optimisation step on ``batch``: forward, balancer, clipping, optimiser and schedule.
+
+        Returns the (detached) task losses and the weights the balancer applied.
+        """
+        if self.balancer.level == "gradient":
+            # Record shared linear layers so the engine can build Gramians layer by layer.
+            with capture_linear(self.model, self._shared) as captures:
+                preds, reps = self.model.forward_with_representation(batch.x)
+        else:
+            captures = None
+            preds, reps = self.model.forward_with_representation(batch.x)
+        losses = {t.name: t.loss(preds[t.name], batch.y[t.name], batch.mask[t.name]) for t in self.tasks}
+        stacked = torch.stack([v.detach() for v in losses.values()])
+        if not bool(torch.isfinite(stacked).all()):
+            bad = [t for t, v in zip(losses, stacked.tolist(), strict=True) if not math.isfinite(v)]
+            raise NonFiniteLossError(
+                f"loss of task(s) {', '.join(repr(b) for b in bad)} became {stacked.tolist()} at epoch "
+                f"{self.epoch + 1}, step {step + 1}; training stopped"
+                + (f", last good checkpoint kept in {self.run_dir / 'checkpoints'}" if self.run_dir else "")
+                + "; try a lower --lr or --grad-clip"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        engine = GradientEngine(losses, self._shared, self._specific, reps, captures)
+        weights = self.balancer.backward(losses, engine)
+        if self.config.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {t: v.detach() for t, v in losses.items()}, weights
+
     def _train_epoch(self, bar: _Progress) -> tuple[dict[str, float], dict[str, float]]:
         cfg = self.config
         data = self.data.train
@@ -334,31 +365,7 @@ class Trainer:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if idx.numel() == 0:
                 break
-            batch = data.take(idx)
-            if self.balancer.level == "gradient":
-                # Record shared linear layers so the engine can build Gramians layer by layer.
-                with capture_linear(self.model, self._shared) as captures:
-                    preds, reps = self.model.forward_with_representation(batch.x)
-            else:
-                captures = None
-                preds, reps = self.model.forward_with_representation(batch.x)
-            losses = {t.name: t.loss(preds[t.name], batch.y[t.name], batch.mask[t.name]) for t in self.tasks}
-            stacked = torch.stack([v.detach() for v in losses.values()])
-            if not bool(torch.isfinite(stacked).all()):
-                bad = [t for t, v in zip(losses, stacked.tolist(), strict=True) if not math.isfinite(v)]
-                raise NonFiniteLossError(
-                    f"loss of task(s) {', '.join(repr(b) for b in bad)} became {stacked.tolist()} at epoch "
-                    f"{self.epoch + 1}, step {step + 1}; training stopped"
-                    + (f", last good checkpoint kept in {self.run_dir / 'checkpoints'}" if self.run_dir else "")
-                    + "; try a lower --lr or --grad-clip"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            engine = GradientEngine(losses, self._shared, self._specific, reps, captures)
-            weights = self.balancer.backward(losses, engine)
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
+            losses, weights = self.step(data.take(idx), step)
             for t, v in losses.items():
                 loss_sum[t] += v.detach()
                 weight_sum[t] += float(weights.get(t, 0.0))
