@@ -353,6 +353,7 @@ class TableEncoder:
         task_column: str | None = None,
         max_categories: int | None = None,
         positive: dict[str, str] | None = None,
+        numeric_bins: int = 0,
     ) -> None:
         if isinstance(tasks, (str, Task)):
             tasks = [tasks]
@@ -370,6 +371,9 @@ class TableEncoder:
             )
         if max_categories is not None and max_categories < 1:
             raise ValueError(f"max_categories must be >= 1, got {max_categories}")
+        if numeric_bins < 0 or numeric_bins == 1:
+            raise ValueError(f"numeric_bins must be 0 (off) or >= 2, got {numeric_bins}")
+        self.numeric_bins = int(numeric_bins)
         self.numeric = list(numeric) if numeric is not None else None
         self.categorical = list(categorical) if categorical is not None else None
         self.drop = list(drop) if drop is not None else []
@@ -382,6 +386,7 @@ class TableEncoder:
         # fitted state
         self.num_cols: list[str] = []
         self.num_stats: dict[str, tuple[float, float, float]] = {}  # column -> (median, mean, std)
+        self.bin_edges: dict[str, list[float]] = {}  # column -> inner quantile edges (numeric_bins > 0)
         self.cat_cols: list[str] = []
         self.vocabs: dict[str, list[str]] = {}
         self.task_values: list[str] = []  # task-column layout: the value of each task, in task order
@@ -409,7 +414,8 @@ class TableEncoder:
         return InputSpec(
             kind="tabular",
             n_numeric=len(self.num_cols),
-            cardinalities=tuple(len(self.vocabs[c]) + 1 for c in self.cat_cols),
+            cardinalities=tuple(len(self.vocabs[c]) + 1 for c in self.cat_cols)
+            + tuple(len(self.bin_edges[c]) + 2 for c in self.num_cols if c in self.bin_edges),
         )
 
     def _require_fitted(self) -> None:
@@ -462,6 +468,7 @@ class TableEncoder:
                 cat_cols.append(c)
 
         num_stats: dict[str, tuple[float, float, float]] = {}
+        bin_edges: dict[str, list[float]] = {}
         for c in num_cols:
             v = _to_float(df[c], c, "numeric column")
             present = v[~np.isnan(v)]
@@ -470,6 +477,11 @@ class TableEncoder:
             else:
                 median, mean, std = 0.0, 0.0, 1.0
             num_stats[c] = (median, mean, std if std > 0 and np.isfinite(std) else 1.0)
+            if self.numeric_bins and present.size:
+                # Quantile bins, embedded as an extra categorical column: lets models (and one-hot
+                # linear models) fit non-monotone effects of a numeric feature.
+                inner = np.quantile(present, np.linspace(0, 1, self.numeric_bins + 1)[1:-1])
+                bin_edges[c] = [float(e) for e in np.unique(inner)]
 
         vocabs: dict[str, list[str]] = {}
         for c in cat_cols:
@@ -487,6 +499,7 @@ class TableEncoder:
             tasks, task_values = self._fit_task_column(df)
 
         self.num_cols, self.num_stats, self.cat_cols, self.vocabs = num_cols, num_stats, cat_cols, vocabs
+        self.bin_edges = bin_edges
         self._tasks, self.task_values = tasks, task_values
         self._fitted = True
         return self
@@ -643,10 +656,15 @@ class TableEncoder:
             v = _to_float(df[c], c, "numeric column")
             v = np.where(np.isnan(v), median, v)
             num[:, j] = (v - mean) / std
-        cat = np.empty((n, len(self.cat_cols)), dtype=np.int64)
+        binned = [c for c in self.num_cols if c in self.bin_edges]
+        cat = np.empty((n, len(self.cat_cols) + len(binned)), dtype=np.int64)
         for j, c in enumerate(self.cat_cols):
             codes, values = _factorize(df[c])
             cat[:, j] = _lookup(codes, values, self.vocabs[c]) + 1  # missing and unseen -> 0
+        for j, c in enumerate(binned, start=len(self.cat_cols)):
+            v = _to_float(df[c], c, "numeric column")
+            ids = np.searchsorted(np.asarray(self.bin_edges[c]), v, side="right") + 1
+            cat[:, j] = np.where(np.isnan(v), 0, ids)  # missing -> 0
         return {"num": torch.from_numpy(num), "cat": torch.from_numpy(cat)}
 
     def transform_features(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
@@ -736,9 +754,16 @@ class TableEncoder:
                 "task_column": self.task_column,
                 "max_categories": self.max_categories,
                 "positive": dict(self.positive),
+                "numeric_bins": self.numeric_bins,
             },
             "numeric": [
-                {"name": c, "median": self.num_stats[c][0], "mean": self.num_stats[c][1], "std": self.num_stats[c][2]}
+                {
+                    "name": c,
+                    "median": self.num_stats[c][0],
+                    "mean": self.num_stats[c][1],
+                    "std": self.num_stats[c][2],
+                    **({"bin_edges": self.bin_edges[c]} if c in self.bin_edges else {}),
+                }
                 for c in self.num_cols
             ],
             "categorical": [{"name": c, "vocab": list(self.vocabs[c])} for c in self.cat_cols],
@@ -762,7 +787,9 @@ class TableEncoder:
             task_column=cfg["task_column"],
             max_categories=cfg["max_categories"],
             positive=cfg["positive"],
+            numeric_bins=cfg.get("numeric_bins", 0),
         )
+        enc.bin_edges = {e["name"]: [float(x) for x in e["bin_edges"]] for e in d["numeric"] if "bin_edges" in e}
         enc.num_cols = [e["name"] for e in d["numeric"]]
         enc.num_stats = {e["name"]: (float(e["median"]), float(e["mean"]), float(e["std"])) for e in d["numeric"]}
         enc.cat_cols = [e["name"] for e in d["categorical"]]
