@@ -3,30 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polytask.balance import BALANCERS, GradientEngine, NoSharedParametersError, build_balancer
+from engine_helpers import IMAGE, TASKS, tiny_step
+from engine_helpers import TABULAR as SPEC
+from polytask.balance import BALANCERS, NoSharedParametersError, build_balancer
 from polytask.data import InputSpec
-from polytask.nn import build_model
-from polytask.tasks import Task
-
-TASKS = [Task("a", "binary"), Task("b", "multiclass", n_classes=3), Task("c", "regression")]
-SPEC = InputSpec("tabular", n_numeric=3, cardinalities=(4,))
 
 
 def _setup(model: str = "shared-bottom", no_labels_for: str | None = None):  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    net = build_model(model, TASKS, SPEC)
-    n = 16
-    x = {"num": torch.randn(n, 3), "cat": torch.randint(0, 4, (n, 1))}
-    y = {"a": torch.randint(0, 2, (n,)).float(), "b": torch.randint(0, 3, (n,)), "c": torch.randn(n)}
-    mask = {t: torch.ones(n, dtype=torch.bool) for t in y}
-    if no_labels_for:
-        mask[no_labels_for][:] = False
-    preds, reps = net.forward_with_representation(x)
-    losses = {t.name: t.loss(preds[t.name], y[t.name], mask[t.name]) for t in TASKS}
-    shared_names = set(net.shared_parameter_names())
-    shared = [p for n_, p in net.named_parameters() if n_ in shared_names]
-    specific = [p for n_, p in net.named_parameters() if n_ not in shared_names]
-    return net, losses, GradientEngine(losses, shared, specific, reps), shared
+    st = tiny_step(model, no_labels_for=no_labels_for, capture=False)
+    return st.net, st.losses, st.engine, st.shared
 
 
 def _naive_grads(losses, params):  # type: ignore[no-untyped-def]
@@ -113,30 +98,10 @@ def test_registry_errors() -> None:
         build_balancer("uncertainty", TASKS, alpha=1.0)
 
 
-def _fast_setup(model: str, spec: InputSpec = SPEC, no_labels_for: str | None = None, n: int = 16):  # type: ignore[no-untyped-def]
-    from polytask.balance._capture import capture_linear
-
-    torch.manual_seed(0)
-    net = build_model(model, TASKS, spec)
-    if spec.kind == "image":
-        x = {"image": torch.rand(n, 1, 28, 28)}
-    else:
-        x = {"num": torch.randn(n, 3), "cat": torch.randint(0, 4, (n, 1))}
-    y = {"a": torch.randint(0, 2, (n,)).float(), "b": torch.randint(0, 3, (n,)), "c": torch.randn(n)}
-    mask = {t: torch.ones(n, dtype=torch.bool) for t in y}
-    if no_labels_for:
-        mask[no_labels_for][:] = False
-    shared_names = set(net.shared_parameter_names())
-    shared = [p for n_, p in net.named_parameters() if n_ in shared_names]
-    specific = [p for n_, p in net.named_parameters() if n_ not in shared_names]
-    with capture_linear(net, shared) as caps:
-        preds, reps = net.forward_with_representation(x)
-    assert caps, "the model has shared linear layers to capture"
-    losses = {t.name: t.loss(preds[t.name], y[t.name], mask[t.name]) for t in TASKS}
-    return net, losses, GradientEngine(losses, shared, specific, reps, caps), shared, specific
-
-
-IMAGE = InputSpec("image", channels=1, height=28, width=28)
+def _fast_setup(model: str, spec: InputSpec = SPEC, no_labels_for: str | None = None):  # type: ignore[no-untyped-def]
+    st = tiny_step(model, spec, no_labels_for)
+    assert st.engine.captures, "the model has shared linear layers to capture"
+    return st.net, st.losses, st.engine, st.shared, st.specific
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine_helpers import TASKS, tiny_step
 from polytask.balance import BALANCERS, GradientEngine, NoSharedParametersError, build_balancer
 from polytask.balance._solvers import alpha_fair, box_qp, cagrad_dual
 from polytask.balance.aligned_mtl import aligned_mtl_weights
@@ -23,9 +24,6 @@ from polytask.balance.mgda import mgda_weights
 from polytask.balance.nash_mtl import nash_mtl_weights
 from polytask.balance.pcgrad import pcgrad_weights
 from polytask.balance.upgrad import upgrad_weights
-from polytask.data import InputSpec
-from polytask.nn import build_model
-from polytask.tasks import Task
 
 DTYPES = [torch.float64, torch.float32]
 # Agreement with the reference: |d - d_ref| <= TOL * (1 + |d_ref|), max norm.
@@ -479,29 +477,12 @@ def test_alpha_fair_newton_converges_fast() -> None:
 
 
 # ------------------------------------------------------------------------------- through the engine
-TASKS = [Task("a", "binary"), Task("b", "multiclass", n_classes=3), Task("c", "regression")]
-SPEC = InputSpec("tabular", n_numeric=3, cardinalities=(4,))
 
 
 def _engine(model: str = "shared-bottom", no_labels_for: str | None = None, seed: int = 0):  # type: ignore[no-untyped-def]
     """A tiny model's losses and engine, with the shared linear layers captured as the trainer does."""
-    from polytask.balance._capture import capture_linear
-
-    torch.manual_seed(seed)
-    net = build_model(model, TASKS, SPEC)
-    n = 16
-    x = {"num": torch.randn(n, 3), "cat": torch.randint(0, 4, (n, 1))}
-    y = {"a": torch.randint(0, 2, (n,)).float(), "b": torch.randint(0, 3, (n,)), "c": torch.randn(n)}
-    mask = {t: torch.ones(n, dtype=torch.bool) for t in y}
-    if no_labels_for:
-        mask[no_labels_for][:] = False
-    shared_names = set(net.shared_parameter_names())
-    shared = [p for n_, p in net.named_parameters() if n_ in shared_names]
-    specific = [p for n_, p in net.named_parameters() if n_ not in shared_names]
-    with capture_linear(net, shared) as caps:
-        preds, reps = net.forward_with_representation(x)
-    losses = {t.name: t.loss(preds[t.name], y[t.name], mask[t.name]) for t in TASKS}
-    return net, GradientEngine(losses, shared, specific, reps, caps), shared
+    st = tiny_step(model, no_labels_for=no_labels_for, seed=seed)
+    return st.net, st.engine, st.shared
 
 
 def _reference_jacobian(engine: GradientEngine, params: list[torch.nn.Parameter]) -> torch.Tensor:
