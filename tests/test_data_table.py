@@ -402,3 +402,68 @@ def test_load_table_task_column_stratified(tmp_path: Path) -> None:
     assert [t.name for t in b.tasks] == ["y@1", "y@2", "y@3"]
     assert all(int(m.sum()) >= 1 for m in b.train.mask.values())
     assert b.meta["split"]["stratified_by"] == "task"
+
+
+def _levels_frame() -> pd.DataFrame:
+    # 'gain': 0 (x6), 500 (x3), 7 (x1), missing (x1); 'age': all distinct except 30 (x2)
+    return pd.DataFrame(
+        {
+            "gain": [0.0, 0, 0, 500, 0, 500, 7, 0, 500, 0, np.nan],
+            "age": [30.0, 31, 32, 33, 34, 35, 36, 37, 38, 30, 40],
+            "city": ["a", "b"] * 5 + ["a"],
+            "y": [0, 1] * 5 + [1],
+        }
+    )
+
+
+def test_numeric_levels_embed_frequent_exact_values() -> None:
+    df = _levels_frame()
+    enc = TableEncoder(["y:binary"], numeric_levels=3).fit(df)
+    assert enc.levels == {"gain": [0.0, 500.0]}  # age has no value seen 3 times: no level column for it
+    # city, then one level column for gain: 2 levels + the rare/unseen/missing id 0
+    assert enc.input_spec.cardinalities == (3, 3)
+    assert enc.input_spec.n_numeric == 2  # the standardised values stay
+    new = pd.DataFrame({"gain": [0.0, 500.0, 7.0, 123.0, np.nan], "age": [30.0] * 5, "city": ["a"] * 5})
+    ids = enc.transform_features(new)["cat"][:, 1].tolist()
+    assert ids == [1, 2, 0, 0, 0]  # frequent values get ids; rare (7), unseen (123) and missing -> 0
+
+
+def test_numeric_levels_min_count_and_off_by_default() -> None:
+    df = _levels_frame()
+    enc = TableEncoder(["y:binary"], numeric_levels=2).fit(df)
+    assert enc.levels == {"gain": [0.0, 500.0], "age": [30.0]}
+    assert enc.input_spec.cardinalities == (3, 3, 2)  # city, gain levels, age levels (numeric-column order)
+    one = TableEncoder(["y:binary"], numeric_levels=1).fit(df)
+    assert one.levels["gain"] == [0.0, 7.0, 500.0]  # every observed value
+    plain = TableEncoder(["y:binary"]).fit(df)
+    assert plain.levels == {} and plain.input_spec.cardinalities == (3,)
+    with pytest.raises(ValueError, match="numeric_levels"):
+        TableEncoder(["y:binary"], numeric_levels=-1)
+
+
+def test_numeric_levels_follow_bins_and_round_trip() -> None:
+    df = _levels_frame()
+    enc = TableEncoder(["y:binary"], numeric_bins=2, numeric_levels=3).fit(df)
+    # city, bin columns (gain, age), then the level column (gain)
+    assert len(enc.input_spec.cardinalities) == 4
+    assert enc.input_spec.cardinalities[-1] == 3
+    x = enc.transform_features(df)
+    assert x["cat"][:, -1].tolist() == [1, 1, 1, 2, 1, 2, 0, 1, 2, 1, 0]
+    doc = json.loads(json.dumps(enc.to_dict()))
+    again = TableEncoder.from_dict(doc)
+    assert again.numeric_levels == 3 and again.levels == enc.levels
+    assert again.input_spec == enc.input_spec
+    assert torch.equal(again.transform_features(df)["cat"], x["cat"])
+    assert torch.equal(again.transform_features(df)["num"], x["num"])
+    # states saved before the option existed still load (no levels)
+    old = TableEncoder(["y:binary"]).fit(df).to_dict()
+    del old["config"]["numeric_levels"]
+    assert TableEncoder.from_dict(old).levels == {}
+
+
+def test_load_table_passes_numeric_levels(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    pd.concat([_levels_frame()] * 4, ignore_index=True).to_csv(path, index=False)
+    bundle = load_table(path, ["y:binary"], numeric_levels=3, seed=0)
+    assert "gain" in bundle.encoder.levels
+    assert bundle.train.x["cat"].shape[1] == len(bundle.input_spec.cardinalities)

@@ -333,13 +333,21 @@ class TableEncoder:
         max_categories: keep at most this many most frequent categories per column (others -> unknown id 0).
         positive: positive class per binary target (default: '1'/'true'/'yes' if present, else the
             class that sorts last).
+        numeric_bins: if >= 2, each numeric column also gets a categorical column of its training
+            quantile bin (this many quantiles; duplicate edges merged), for non-monotone effects.
+        numeric_levels: if >= 1, each numeric column also gets a categorical column of its *exact*
+            value, for values that occur at least this often in the training split (rarer, unseen and
+            missing values -> id 0). For columns whose particular values carry meaning beyond their
+            size (ages, weeks worked, specific amounts such as a tax bracket's capital gains).
 
     Kind inference (when a spec has no kind): 2 distinct values -> binary; numbers with fractions or
     more than 50 distinct values -> regression; up to 50 distinct values -> multiclass; list cells ->
     multilabel; otherwise an error asks for the kind.
 
     Encoding: numeric -> median imputation, then ``(x - mean) / std`` with train statistics (std 0 ->
-    1); categorical -> ids ``1..V`` from the training vocabulary, 0 for missing or unseen values.
+    1); categorical -> ids ``1..V`` from the training vocabulary, 0 for missing or unseen values. The
+    optional bin and level columns of numeric features follow the categorical columns in ``x["cat"]``
+    (all bin columns, then all level columns, each in numeric-column order).
     Labels: binary float 0/1, multiclass int64, multilabel float (N, L), regression float32 in the
     original units (the Task standardises in its loss). Missing labels have ``mask == False``, y 0.
     """
@@ -354,6 +362,7 @@ class TableEncoder:
         max_categories: int | None = None,
         positive: dict[str, str] | None = None,
         numeric_bins: int = 0,
+        numeric_levels: int = 0,
     ) -> None:
         if isinstance(tasks, (str, Task)):
             tasks = [tasks]
@@ -374,6 +383,9 @@ class TableEncoder:
         if numeric_bins < 0 or numeric_bins == 1:
             raise ValueError(f"numeric_bins must be 0 (off) or >= 2, got {numeric_bins}")
         self.numeric_bins = int(numeric_bins)
+        if numeric_levels < 0:
+            raise ValueError(f"numeric_levels must be 0 (off) or a minimum count >= 1, got {numeric_levels}")
+        self.numeric_levels = int(numeric_levels)
         self.numeric = list(numeric) if numeric is not None else None
         self.categorical = list(categorical) if categorical is not None else None
         self.drop = list(drop) if drop is not None else []
@@ -387,6 +399,7 @@ class TableEncoder:
         self.num_cols: list[str] = []
         self.num_stats: dict[str, tuple[float, float, float]] = {}  # column -> (median, mean, std)
         self.bin_edges: dict[str, list[float]] = {}  # column -> inner quantile edges (numeric_bins > 0)
+        self.levels: dict[str, list[float]] = {}  # column -> sorted frequent values (numeric_levels > 0)
         self.cat_cols: list[str] = []
         self.vocabs: dict[str, list[str]] = {}
         self.task_values: list[str] = []  # task-column layout: the value of each task, in task order
@@ -415,7 +428,8 @@ class TableEncoder:
             kind="tabular",
             n_numeric=len(self.num_cols),
             cardinalities=tuple(len(self.vocabs[c]) + 1 for c in self.cat_cols)
-            + tuple(len(self.bin_edges[c]) + 2 for c in self.num_cols if c in self.bin_edges),
+            + tuple(len(self.bin_edges[c]) + 2 for c in self.num_cols if c in self.bin_edges)
+            + tuple(len(self.levels[c]) + 1 for c in self.num_cols if c in self.levels),
         )
 
     def _require_fitted(self) -> None:
@@ -469,6 +483,7 @@ class TableEncoder:
 
         num_stats: dict[str, tuple[float, float, float]] = {}
         bin_edges: dict[str, list[float]] = {}
+        levels: dict[str, list[float]] = {}
         for c in num_cols:
             v = _to_float(df[c], c, "numeric column")
             present = v[~np.isnan(v)]
@@ -482,6 +497,11 @@ class TableEncoder:
                 # linear models) fit non-monotone effects of a numeric feature.
                 inner = np.quantile(present, np.linspace(0, 1, self.numeric_bins + 1)[1:-1])
                 bin_edges[c] = [float(e) for e in np.unique(inner)]
+            if self.numeric_levels and present.size:
+                values, counts = np.unique(present, return_counts=True)
+                frequent = values[counts >= self.numeric_levels]
+                if frequent.size:  # a column without frequent values would add a constant id 0
+                    levels[c] = [float(x) for x in frequent]
 
         vocabs: dict[str, list[str]] = {}
         for c in cat_cols:
@@ -499,7 +519,7 @@ class TableEncoder:
             tasks, task_values = self._fit_task_column(df)
 
         self.num_cols, self.num_stats, self.cat_cols, self.vocabs = num_cols, num_stats, cat_cols, vocabs
-        self.bin_edges = bin_edges
+        self.bin_edges, self.levels = bin_edges, levels
         self._tasks, self.task_values = tasks, task_values
         self._fitted = True
         return self
@@ -657,7 +677,8 @@ class TableEncoder:
             v = np.where(np.isnan(v), median, v)
             num[:, j] = (v - mean) / std
         binned = [c for c in self.num_cols if c in self.bin_edges]
-        cat = np.empty((n, len(self.cat_cols) + len(binned)), dtype=np.int64)
+        leveled = [c for c in self.num_cols if c in self.levels]
+        cat = np.empty((n, len(self.cat_cols) + len(binned) + len(leveled)), dtype=np.int64)
         for j, c in enumerate(self.cat_cols):
             codes, values = _factorize(df[c])
             cat[:, j] = _lookup(codes, values, self.vocabs[c]) + 1  # missing and unseen -> 0
@@ -665,6 +686,11 @@ class TableEncoder:
             v = _to_float(df[c], c, "numeric column")
             ids = np.searchsorted(np.asarray(self.bin_edges[c]), v, side="right") + 1
             cat[:, j] = np.where(np.isnan(v), 0, ids)  # missing -> 0
+        for j, c in enumerate(leveled, start=len(self.cat_cols) + len(binned)):
+            v = _to_float(df[c], c, "numeric column")
+            known = np.asarray(self.levels[c])
+            pos = np.minimum(np.searchsorted(known, v), len(known) - 1)  # NaN sorts last
+            cat[:, j] = np.where(known[pos] == v, pos + 1, 0)  # rare, unseen and missing -> 0
         return {"num": torch.from_numpy(num), "cat": torch.from_numpy(cat)}
 
     def transform_features(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
@@ -755,6 +781,7 @@ class TableEncoder:
                 "max_categories": self.max_categories,
                 "positive": dict(self.positive),
                 "numeric_bins": self.numeric_bins,
+                "numeric_levels": self.numeric_levels,
             },
             "numeric": [
                 {
@@ -763,6 +790,7 @@ class TableEncoder:
                     "mean": self.num_stats[c][1],
                     "std": self.num_stats[c][2],
                     **({"bin_edges": self.bin_edges[c]} if c in self.bin_edges else {}),
+                    **({"levels": self.levels[c]} if c in self.levels else {}),
                 }
                 for c in self.num_cols
             ],
@@ -788,8 +816,10 @@ class TableEncoder:
             max_categories=cfg["max_categories"],
             positive=cfg["positive"],
             numeric_bins=cfg.get("numeric_bins", 0),
+            numeric_levels=cfg.get("numeric_levels", 0),
         )
         enc.bin_edges = {e["name"]: [float(x) for x in e["bin_edges"]] for e in d["numeric"] if "bin_edges" in e}
+        enc.levels = {e["name"]: [float(x) for x in e["levels"]] for e in d["numeric"] if "levels" in e}
         enc.num_cols = [e["name"] for e in d["numeric"]]
         enc.num_stats = {e["name"]: (float(e["median"]), float(e["mean"]), float(e["std"])) for e in d["numeric"]}
         enc.cat_cols = [e["name"] for e in d["categorical"]]
@@ -843,12 +873,15 @@ def load_table(
     task_column: str | None = None,
     max_categories: int | None = None,
     positive: dict[str, str] | None = None,
+    numeric_bins: int = 0,
+    numeric_levels: int = 0,
 ) -> DataBundle:
     """Read a table (and optional val/test files) into a :class:`DataBundle`.
 
     Splits that are not given as files are cut from ``path`` at random (seeded; stratified by task
     in the task-column layout). The encoder is fitted on the training rows only and is kept in
     ``bundle.encoder`` for checkpoints. ``test_fraction=0`` without a test file gives no test split.
+    ``numeric_bins`` and ``numeric_levels`` are :class:`TableEncoder`'s.
     """
     p = Path(path)
     df = read_table(p)
@@ -871,6 +904,8 @@ def load_table(
         task_column=task_column,
         max_categories=max_categories,
         positive=positive,
+        numeric_bins=numeric_bins,
+        numeric_levels=numeric_levels,
     )
     with _naming(p):
         enc.fit(train_df)

@@ -165,6 +165,7 @@ def _load(
     seed: int,
     n_rows: int | None,
     numeric_bins: int = 0,
+    numeric_levels: int = 0,
 ) -> DataBundle:
     df = census_frame(data_dir)
     n_total = len(df)
@@ -183,6 +184,7 @@ def _load(
         drop=[t for t in TARGETS if t not in tasks],
         positive={t: "1" for t in tasks},
         numeric_bins=numeric_bins,
+        numeric_levels=numeric_levels,
     ).fit(train_df)
     meta = {
         "source": CENSUS_FILE,
@@ -211,23 +213,35 @@ def _load(
 
 @register_dataset("census-income", "Census-Income (KDD): income, marital, education (binary); 60/20/20", _SOURCE)
 def census_income(
-    data_dir: str | os.PathLike[str] | None = None, seed: int = 0, n_rows: int | None = None, numeric_bins: int = 0
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    n_rows: int | None = None,
+    numeric_bins: int = 0,
+    numeric_levels: int = 0,
 ) -> DataBundle:
     """All three MMoE tasks. Only the public test file is available, split 60/20/20 (``seed``)."""
-    return _load("census-income", TARGETS, data_dir, seed, n_rows, numeric_bins)
+    return _load("census-income", TARGETS, data_dir, seed, n_rows, numeric_bins, numeric_levels)
 
 
 @register_dataset("census-group1", "Census-Income (KDD), MMoE group 1: income, marital; 60/20/20", _SOURCE)
 def census_group1(
-    data_dir: str | os.PathLike[str] | None = None, seed: int = 0, n_rows: int | None = None, numeric_bins: int = 0
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    n_rows: int | None = None,
+    numeric_bins: int = 0,
+    numeric_levels: int = 0,
 ) -> DataBundle:
     """MMoE task group 1 (income, marital). Only the public test file is available, split 60/20/20."""
-    return _load("census-group1", ("income", "marital"), data_dir, seed, n_rows, numeric_bins)
+    return _load("census-group1", ("income", "marital"), data_dir, seed, n_rows, numeric_bins, numeric_levels)
 
 
 @register_dataset("census-group2", "Census-Income (KDD), MMoE group 2: education, marital; 60/20/20", _SOURCE)
 def census_group2(
-    data_dir: str | os.PathLike[str] | None = None, seed: int = 0, n_rows: int | None = None, numeric_bins: int = 0
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    n_rows: int | None = None,
+    numeric_bins: int = 0,
+    numeric_levels: int = 0,
 ) -> DataBundle:
     """MMoE task group 2 (education, marital). Only the public test file is available, split 60/20/20."""
-    return _load("census-group2", ("education", "marital"), data_dir, seed, n_rows, numeric_bins)
+    return _load("census-group2", ("education", "marital"), data_dir, seed, n_rows, numeric_bins, numeric_levels)
