@@ -17,7 +17,7 @@ import numpy as np
 import sklearn
 import torch
 
-from polytask.evaluate import delta_m, delta_p, format_mean_std
+from polytask.evaluate import delta_m, delta_p, format_mean_std, mean_std
 
 __all__ = [
     "ROOT",
@@ -99,9 +99,7 @@ def fmt_cell(values: Sequence[float], digits: int = 4) -> str:
         return "—"
     if len(vals) == 1:
         return f"{vals[0]:.{digits}f}"
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-    return format_mean_std(mean, std, digits)
+    return format_mean_std(*mean_std(vals), digits)
 
 
 def gains_vs(row: dict[str, dict[str, float]], base: dict[str, dict[str, float]], metric: str) -> tuple[float, float]:

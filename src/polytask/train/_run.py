@@ -143,11 +143,8 @@ def _labelled_data(run: LoadedRun, data: str | Path | None) -> dict[str, DataBun
     if data is None:
         if src.get("in_memory"):
             raise ValueError(f"this run was trained on in-memory data '{src['source']}'; pass the DATA to evaluate on")
-        opts = dict(src.get("options", {}))
-        if src["builtin"]:
-            bundle = load_dataset(src["source"], seed=src["seed"], **opts)
-        else:
-            bundle = load_table(src["source"], tasks=src["tasks"], seed=src["seed"], **opts)
+        # The same call that produced the training splits, so the same split comes back.
+        bundle = load_data(src["source"], src["tasks"] or None, seed=src["seed"], **src.get("options", {}))
         splits = {"val": bundle.val}
         if bundle.test is not None:
             splits["test"] = bundle.test
