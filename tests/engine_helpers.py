@@ -33,8 +33,10 @@ def tiny_step(
     seed: int = 0,
     n: int = 16,
     capture: bool = True,
+    reforward: bool = False,
 ) -> Step:
-    """Forward a random batch; ``capture`` records shared linear layers (the engine's fast path)."""
+    """Forward a random batch; ``capture`` records shared linear layers (the engine's fast path);
+    ``reforward`` gives the engine a re-run of the forward pass on the same batch, as the trainer does."""
     torch.manual_seed(seed)
     net = build_model(model, TASKS, spec)
     if spec.kind == "image":
@@ -51,5 +53,10 @@ def tiny_step(
     with capture_linear(net, shared) as caps:
         preds, reps = net.forward_with_representation(x)
     losses = {t.name: t.loss(preds[t.name], y[t.name], mask[t.name]) for t in TASKS}
-    engine = GradientEngine(losses, shared, specific, reps, caps if capture else None)
+
+    def rerun() -> dict[str, torch.Tensor]:
+        out = net(x)
+        return {t.name: t.loss(out[t.name], y[t.name], mask[t.name]) for t in TASKS}
+
+    engine = GradientEngine(losses, shared, specific, reps, caps if capture else None, rerun if reforward else None)
     return Step(net, losses, engine, shared, specific)

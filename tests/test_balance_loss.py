@@ -153,7 +153,8 @@ def test_db_mtl_reference_and_checkpoint_round_trip() -> None:
     net = build_model("shared-bottom", tasks, spec)
     shared = list(net.shared_parameters())
     specific = [p for p in net.parameters() if all(p is not s for s in shared)]
-    bal = build_balancer("db-mtl", tasks, beta=0.9, beta_sigma=0.5)
+    bal = build_balancer("db-mtl", tasks, beta=0.9, beta_sigma=0.5, grads="parameters")
+    assert bal.level == "gradient"
     ema = None
     for step in (1, 2):
         for p in net.parameters():
@@ -175,6 +176,46 @@ def test_db_mtl_reference_and_checkpoint_round_trip() -> None:
         bal.backward(losses, GradientEngine(losses, shared, specific))
         got = torch.cat([p.grad.reshape(-1) for p in shared])
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
-    restored = build_balancer("db-mtl", tasks)
+    restored = build_balancer("db-mtl", tasks, grads="parameters")
     restored.load_state_dict(bal.state_dict())
     assert torch.equal(restored.grad_ema, bal.grad_ema) and int(restored.step) == 2
+
+
+def test_db_mtl_representation_variant_reference() -> None:
+    """Default variant: EMA of the norms of grad_z log L_k; shared parameters get
+    sum_k alpha_k grad log L_k, task-specific ones their own grad log L_k (not scaled by alpha)."""
+    from polytask.data import InputSpec
+    from polytask.nn import build_model
+
+    tasks = [Task("a", "regression"), Task("b", "regression")]
+    spec = InputSpec("tabular", n_numeric=3, cardinalities=(4,))
+    torch.manual_seed(0)
+    net = build_model("shared-bottom", tasks, spec)
+    shared = list(net.shared_parameters())
+    specific = [p for p in net.parameters() if all(p is not s for s in shared)]
+    bal = build_balancer("db-mtl", tasks)
+    assert bal.level == "representation"
+    ema = None
+    for step in (1, 2, 3):
+        for p in net.parameters():
+            p.grad = None
+        x = {"num": torch.randn(16, 3), "cat": torch.randint(0, 4, (16, 1))}
+        preds, reps = net.forward_with_representation(x)
+        losses = {"a": tasks[0].loss(preds["a"], torch.randn(16)), "b": tasks[1].loss(preds["b"], 5 * torch.randn(16))}
+        logs = [torch.log(v + 1e-8) for v in losses.values()]
+        rep_norms = torch.stack([torch.autograd.grad(v, reps, retain_graph=True)[0].norm() for v in logs])
+        ema = rep_norms if ema is None else rep_norms + 0.9 / step**0.5 * (ema - rep_norms)
+        alpha = ema.max() / (ema + 1e-8)
+        want_shared = [
+            sum(a * g for a, g in zip(alpha, gs, strict=True))
+            for gs in zip(*(torch.autograd.grad(v, shared, retain_graph=True) for v in logs), strict=True)
+        ]
+        want_specific = torch.autograd.grad(sum(logs), specific, retain_graph=True, allow_unused=True)
+        w = bal.backward(losses, GradientEngine(losses, shared, specific, reps))
+        assert w["a"] == pytest.approx(float(alpha[0] / (losses["a"].detach() + 1e-8)), rel=1e-5)
+        for p, g in zip(shared, want_shared, strict=True):
+            assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+        for p, g in zip(specific, want_specific, strict=True):
+            assert g is None or torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="grads must be"):
+        build_balancer("db-mtl", tasks, grads="jacobian")

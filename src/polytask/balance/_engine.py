@@ -26,7 +26,7 @@ Without captures the engine falls back to K ``autograd.grad`` calls (the referen
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -43,29 +43,37 @@ class NoSharedParametersError(ValueError):
 
 
 def _batched_grads(
-    outputs: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool = True
+    losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], retain_graph: bool = True, vmap: bool = True
 ) -> list[torch.Tensor]:
-    """Gradients of each entry of ``outputs`` (K,) with respect to each input: ``(K, *input.shape)``."""
-    k = outputs.shape[0]
+    """Gradients of each of the K scalar ``losses`` with respect to each input: ``(K, *input.shape)``.
+
+    ``vmap`` batches the K passes into one (larger matrix products); K ordinary passes are faster
+    for small graphs (vmap has a fixed cost of a few ms) and for convolutions (measured on CPU).
+    """
+    k = len(losses)
     if not inputs:
         return []
-    if not outputs.requires_grad:
-        return [torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
-    eye = torch.eye(k, dtype=outputs.dtype, device=outputs.device)
-    try:
-        grads = torch.autograd.grad(
-            outputs, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
-        )
-    except RuntimeError:
-        # An op without a vmap rule for its backward: fall back to K ordinary passes.
+    grads: Sequence[torch.Tensor | None] | None = None
+    if vmap and all(loss.requires_grad for loss in losses):
+        stacked = torch.stack(list(losses))
+        eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
+        try:
+            grads = torch.autograd.grad(
+                stacked, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
+            )
+        except RuntimeError:  # an op without a vmap rule for its backward
+            grads = None
+    if grads is None:
+        # Each loss on its own (not a slice of a stacked tensor, whose backward would send zero
+        # gradients through every other task's graph).
         rows = [
-            torch.autograd.grad(outputs[i], inputs, retain_graph=True, allow_unused=True) if outputs[i].requires_grad
+            torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True) if loss.requires_grad
             else (None,) * len(inputs)
-            for i in range(k)
+            for loss in losses
         ]  # fmt: skip
-        grads = tuple(
+        grads = [
             torch.stack([r[j] if r[j] is not None else torch.zeros_like(x) for r in rows]) for j, x in enumerate(inputs)
-        )
+        ]
     return [
         g if g is not None else torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)
         for g, x in zip(grads, inputs, strict=True)
@@ -100,9 +108,8 @@ class _Layer:
         kernel = self.x @ self.x.T
         if self.has_bias:
             kernel += 1.0
-        d_rows = self.d.permute(1, 0, 2).reshape(m, k * out)
-        mixed = (kernel @ d_rows).reshape(m, k, out).permute(1, 0, 2).reshape(k, m * out)
-        return self.d.reshape(k, m * out) @ mixed.T
+        mixed = torch.matmul(kernel, self.d)  # (K, M, out), batched over tasks: no transposed copies
+        return self.d.reshape(k, m * out) @ mixed.reshape(k, m * out).T
 
     def combined(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``sum_k w_k dW_k`` (out, in) and ``sum_k w_k db_k`` (out,): the one weight-gradient pass."""
@@ -120,6 +127,9 @@ class GradientEngine:
         representation: shared representation tensor(s) from the model's forward pass, for
             representation-level balancers.
         captures: shared linear layers recorded during the forward pass (enables the fast path).
+        reforward: re-runs the model's forward pass on the same batch with the parameters' current
+            values and returns fresh task losses (for methods that evaluate the losses at perturbed
+            parameters, e.g. F-MTL); ``None`` when the caller cannot provide it.
     """
 
     def __init__(
@@ -129,8 +139,12 @@ class GradientEngine:
         specific: Sequence[nn.Parameter] = (),
         representation: Sequence[torch.Tensor] = (),
         captures: Sequence[CapturedLinear] | None = None,
+        reforward: Callable[[], Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         self.losses = dict(losses)
+        self.reforward = reforward
+        # A regulariser that the next loss-level backward adds to the weighted sum (e.g. Rep-MTL's).
+        self.extra_loss: torch.Tensor | None = None
         self.task_names = list(self.losses)
         self.shared = [p for p in shared if p.requires_grad]
         self.specific = [p for p in specific if p.requires_grad]
@@ -158,22 +172,41 @@ class GradientEngine:
             raise ValueError(f"expected {self.n_tasks} weights, got {len(w)}")
         return w
 
+    def _loss_list(self) -> list[torch.Tensor]:
+        return [self.losses[t] for t in self.task_names]
+
     def _stacked_losses(self) -> torch.Tensor:
         return torch.stack([self.losses[t] for t in self.task_names])
 
     # -------------------------------------------------------------- loss level
     def weighted_loss(self, weights: Weights, extra: torch.Tensor | None = None) -> torch.Tensor:
         total = sum(w * self.losses[t] for w, t in zip(self._vector(weights), self.task_names, strict=True))
-        if extra is not None:
-            total = total + extra
+        for term in (extra, self.extra_loss):
+            if term is not None:
+                total = total + term
         return total  # type: ignore[return-value]
 
-    def backward_weighted(self, weights: Weights, extra: torch.Tensor | None = None) -> None:
-        """One ordinary backward pass of ``sum_k w_k L_k (+ extra)``; no per-task work. Every
-        parameter, shared or task-specific, receives the weighted gradient."""
+    def backward_weighted(
+        self, weights: Weights, extra: torch.Tensor | None = None, own_weights: Weights | None = None
+    ) -> None:
+        """One ordinary backward pass of ``sum_k w_k L_k (+ extra + extra_loss)``; no per-task work.
+
+        Every parameter, shared or task-specific, receives the weighted gradient, unless
+        ``own_weights`` is given: then task-specific parameters get ``sum_k own_k grad L_k`` instead,
+        from a second pass that only reaches them (through the task heads, not the trunk).
+        """
         total = self.weighted_loss(weights, extra)
-        if isinstance(total, torch.Tensor) and total.requires_grad:
+        if not (isinstance(total, torch.Tensor) and total.requires_grad):
+            return
+        if own_weights is None or not self.specific:
             total.backward()
+            return
+        inputs = [p for p in self.shared if p.requires_grad]
+        if inputs:
+            torch.autograd.backward(total, inputs=inputs, retain_graph=True)
+        own = sum(w * self.losses[t] for w, t in zip(self._vector(own_weights), self.task_names, strict=True))
+        if isinstance(own, torch.Tensor) and own.requires_grad:
+            torch.autograd.backward(own, inputs=self.specific)
 
     # -------------------------------------------------------------- per-task gradients
     def _require_shared(self) -> None:
@@ -196,7 +229,8 @@ class GradientEngine:
         others = [p for p in self.shared if id(p) not in layer_params]
         outputs = [y for c in self.captures for y in c.outputs]
         inputs = [*outputs, *others, *self.specific, *self.representation]
-        grads = _batched_grads(self._stacked_losses(), inputs)
+        # Batched passes pay off for linear layers, not for convolutions (see _batched_grads).
+        grads = _batched_grads(self._loss_list(), inputs, vmap=not any(p.dim() > 2 for p in others))
         k = self.n_tasks
         pos = 0
         self._layers = []
@@ -204,8 +238,11 @@ class GradientEngine:
             n = len(c.outputs)
             ds = grads[pos : pos + n]
             pos += n
-            x = torch.cat([xi.reshape(-1, xi.shape[-1]) for xi in c.inputs])
-            d = torch.cat([di.reshape(k, -1, di.shape[-1]) for di in ds], dim=1)
+            xs = [xi.reshape(-1, xi.shape[-1]) for xi in c.inputs]
+            dl = [di.reshape(k, -1, di.shape[-1]) for di in ds]
+            # A layer called once (the usual case) needs no copy.
+            x = xs[0] if len(xs) == 1 else torch.cat(xs)
+            d = dl[0] if len(dl) == 1 else torch.cat(dl, dim=1)
             self._layers.append(_Layer(c.module, x, d))
         self._per_task = {id(p): g for p, g in zip(others, grads[pos : pos + len(others)], strict=True)}
         pos += len(others)
@@ -225,6 +262,14 @@ class GradientEngine:
             if db is not None:
                 by_id[id(layer.module.bias)] = db
         return [by_id[id(p)] for p in self.shared]
+
+    def per_task_gradients(self) -> list[torch.Tensor]:
+        """Per-task gradients of each shared parameter, in ``shared`` order: ``(K, numel)`` each.
+
+        The blocks of :meth:`jacobian` without concatenating them (for element-wise methods)."""
+        if self._jacobian is not None:
+            return list(self._jacobian.split([p.numel() for p in self.shared], dim=1))
+        return self._param_grads()
 
     def jacobian(self) -> torch.Tensor:
         """Per-task gradients of the shared parameters, flattened: ``(K, P)``.
@@ -263,7 +308,7 @@ class GradientEngine:
         if not self.representation:
             raise NoSharedParametersError("this model exposes no shared representation")
         if self._rep_grads is None:
-            self._rep_grads = _batched_grads(self._stacked_losses(), self.representation)
+            self._rep_grads = _batched_grads(self._loss_list(), self.representation, vmap=False)
         k = self.n_tasks
         return torch.cat([g.reshape(k, -1) for g in self._rep_grads], dim=1)
 
@@ -300,18 +345,22 @@ class GradientEngine:
                 _accumulate(p, torch.tensordot(w.to(g.dtype), g, dims=1))
         self._own_task_gradients(own_weights)
 
-    def apply_shared_direction(self, direction: torch.Tensor, own_weights: Weights | None = None) -> None:
-        """Set the shared parameters' gradients to ``direction`` (flattened, length P) and give each
-        task-specific parameter its own task's gradient (scaled by ``own_weights`` when given)."""
+    def apply_shared_direction(
+        self, direction: torch.Tensor | Sequence[torch.Tensor], own_weights: Weights | None = None
+    ) -> None:
+        """Set the shared parameters' gradients to ``direction`` (flattened, length P, or one tensor
+        per shared parameter) and give each task-specific parameter its own task's gradient (scaled
+        by ``own_weights`` when given)."""
         self._require_shared()
-        offset = 0
-        total = sum(p.numel() for p in self.shared)
-        if total != direction.numel():
-            raise ValueError(f"direction has {direction.numel()} entries, shared parameters have {total}")
-        for p in self.shared:
-            n = p.numel()
-            _accumulate(p, direction[offset : offset + n].view_as(p))
-            offset += n
+        sizes = [p.numel() for p in self.shared]
+        if isinstance(direction, torch.Tensor):
+            if sum(sizes) != direction.numel():
+                raise ValueError(f"direction has {direction.numel()} entries, shared parameters have {sum(sizes)}")
+            direction = direction.split(sizes)
+        elif [d.numel() for d in direction] != sizes:
+            raise ValueError(f"direction blocks have sizes {[d.numel() for d in direction]}, shared parameters {sizes}")
+        for p, d in zip(self.shared, direction, strict=True):
+            _accumulate(p, d)
         if self._specific_grads is None and self.captures:
             self._pass()
         self._own_task_gradients(own_weights)

@@ -5,11 +5,19 @@ Lin, Ye, Xu, Shi, Zhang and Kwok, "Dual-Balancing for Multi-Task Learning", arXi
 Loss scales are balanced by training on ``log L_k``; gradient magnitudes by an exponential moving
 average ``g_k`` of each task's gradient of ``log L_k`` (step-dependent rate ``beta / t^sigma``),
 rescaled so that every task's average gradient has the largest task's norm:
-``d = sum_k (max_j ||g_j|| / ||g_k||) g_k``.
+``d = sum_k (max_j ||g_j|| / ||g_k||) g_k``. Task-specific parameters get the gradient of their own
+``log L_k``.
 
-The moving average is over gradient vectors, so this method needs the per-task gradients of the
-shared parameters (the engine's Jacobian): it is loss-balancing in purpose but gradient-level in
-cost. Task-specific parameters get the gradient of their own ``log L_k``.
+``grads`` chooses what ``g_k`` is:
+
+* ``"representation"`` (default): the gradient of ``log L_k`` with respect to the shared
+  representation, as in the paper's experiments' efficient variant and LibMTL's ``rep_grad``. The
+  moving average is kept over its norm (representations of different batches are different
+  samples, so averaging the vectors themselves would mix unrelated rows), and the update is
+  ``sum_k alpha_k grad log L_k`` through one ordinary backward pass: loss-level cost, K backward
+  passes through the task heads only.
+* ``"parameters"``: the paper's exact form on the shared-parameter gradients; the moving average is
+  over the (K, P) Jacobian, so it costs what a gradient-level method costs.
 """
 
 from __future__ import annotations
@@ -33,15 +41,21 @@ _EPS = 1e-8
     description="log-loss scale balancing + EMA gradients rescaled to the largest task norm",
     beta=0.9,
     beta_sigma=0.5,
+    grads="representation",
 )
 class DBMTL(Balancer):
-    level = "gradient"
+    level = "representation"
 
-    def __init__(self, tasks: list[Task], beta: float = 0.9, beta_sigma: float = 0.5) -> None:
+    def __init__(
+        self, tasks: list[Task], beta: float = 0.9, beta_sigma: float = 0.5, grads: str = "representation"
+    ) -> None:
         super().__init__(tasks)
-        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        if grads not in ("representation", "parameters"):
+            raise ValueError(f"db-mtl grads must be 'representation' or 'parameters', got {grads!r}")
+        self.beta, self.beta_sigma, self.grads = float(beta), float(beta_sigma), grads
+        self.level = "gradient" if grads == "parameters" else "representation"
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        # (K, P) once the shared parameter count is known; restored from checkpoints at any size.
+        # (K, P) ("parameters") or (K,) ("representation") once known; restored from checkpoints.
         self.register_buffer("grad_ema", torch.zeros(0))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -50,17 +64,29 @@ class DBMTL(Balancer):
             self.grad_ema = torch.zeros_like(saved)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _average(self, now: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        if self.grad_ema.shape != now.shape:
+            self.grad_ema = now.detach().clone()
+        else:
+            rate = self.beta / float(self.step) ** self.beta_sigma
+            self.grad_ema = now + rate * (self.grad_ema - now)
+        return self.grad_ema
+
     def backward(self, losses: dict[str, torch.Tensor], engine: GradientEngine) -> dict[str, float]:
         now = torch.stack([losses[t].detach() for t in self.task_names])
         inv = 1.0 / (now + _EPS)  # d log(L_k + eps) / dL_k
-        j = engine.jacobian() * inv[:, None].to(engine.jacobian().dtype)
-        self.step += 1
-        if self.grad_ema.shape != j.shape:
-            self.grad_ema = j.detach().clone()
+        own = dict(zip(self.task_names, inv, strict=True))
+        if self.grads == "representation":
+            norms = self._average(
+                engine.representation_jacobian().norm(dim=1) * inv.to(engine.losses[self.task_names[0]].dtype)
+            )
         else:
-            rate = self.beta / float(self.step) ** self.beta_sigma
-            self.grad_ema = j + rate * (self.grad_ema - j)
-        norms = self.grad_ema.norm(dim=1)
+            j = engine.jacobian() * inv[:, None].to(engine.jacobian().dtype)
+            norms = self._average(j).norm(dim=1)
         alpha = torch.where(norms > 0, norms.max() / (norms + _EPS), 0.0)
-        engine.apply_shared_direction(alpha @ self.grad_ema, own_weights=dict(zip(self.task_names, inv, strict=True)))
+        if self.grads == "representation":
+            engine.backward_weighted(dict(zip(self.task_names, alpha * inv, strict=True)), own_weights=own)
+        else:
+            engine.apply_shared_direction(alpha @ self.grad_ema, own_weights=own)
         return {t: float(v) for t, v in zip(self.task_names, alpha * inv, strict=True)}

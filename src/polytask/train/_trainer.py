@@ -343,7 +343,12 @@ class Trainer:
                 + "; try a lower --lr or --grad-clip"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        engine = GradientEngine(losses, self._shared, self._specific, reps, captures)
+
+        def reforward() -> dict[str, torch.Tensor]:
+            out = self.model(batch.x)
+            return {t.name: t.loss(out[t.name], batch.y[t.name], batch.mask[t.name]) for t in self.tasks}
+
+        engine = GradientEngine(losses, self._shared, self._specific, reps, captures, reforward)
         weights = self.balancer.backward(losses, engine)
         if self.config.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
