@@ -247,6 +247,29 @@ def test_diagnostics_record_eval_gate_usage(name: str) -> None:
     assert model.diagnostics()["expert_usage"] == {}
 
 
+@pytest.mark.parametrize("name", GATED)
+def test_expert_zero_share_counts_dead_units(name: str) -> None:
+    """A dead expert (every ReLU output zero) reports share 1; the others their true zero share."""
+    model = _build(name, "tabular").eval()
+    experts = model.experts if name == "mmoe" else model.levels[-1].shared_experts
+    last = [m for m in experts[0].modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias.fill_(-1e6)  # pre-activations far below zero: a collapsed expert
+        x = _inputs("tabular", n=7, seed=3)
+        model(x)
+        h = model.stem(x)
+        live = experts[1](h) if name == "mmoe" else None
+    zeros = model.diagnostics()["expert_zero_share"]
+    shares = zeros["experts"]
+    dead = 0 if name == "mmoe" else model.n_task_experts * len(model.task_names)  # shared ones come last
+    assert shares[dead] == 1.0
+    assert all(0.0 <= v <= 1.0 for v in shares)
+    if live is not None:
+        assert math.isclose(shares[1], float((live == 0).double().mean()), rel_tol=1e-9)
+    model.reset_diagnostics()
+    assert "expert_zero_share" not in model.diagnostics()
+
+
 def test_ple_diagnostics_cover_every_level() -> None:
     model = _build("ple", "tabular").eval()
     with torch.no_grad():

@@ -184,13 +184,15 @@ def _config(kw: dict[str, Any]) -> Any:
 
 
 def _print_diagnostics(diag: dict[str, Any]) -> None:
-    """Expert usage per task and gate entropy, for mixture-of-experts models."""
+    """Expert usage per task, gate entropy and dead-unit shares, for mixture-of-experts models."""
     usage = diag.get("expert_usage", {})
     entropy = diag.get("gate_entropy", {})
     for task, shares in usage.items():
         bars = " ".join(f"{s:.2f}" for s in shares)
         ent = f"  gate entropy {entropy[task]:.3f} nats" if task in entropy else ""
         click.echo(f"  {task:<20} expert usage [{bars}]{ent}")
+    for group, shares in diag.get("expert_zero_share", {}).items():
+        click.echo(f"  {group:<20} share of zero outputs per expert [" + " ".join(f"{s:.2f}" for s in shares) + "]")
 
 
 def _print_metrics(title: str, metrics: dict[str, dict[str, float]]) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from polytask.nn.encoders import MLP
 from polytask.tasks import Task
 
-__all__ = ["SoftmaxGate", "TaskHead", "gate_report", "reset_gate_statistics"]
+__all__ = ["SoftmaxGate", "TaskHead", "ZeroShare", "gate_report", "reset_gate_statistics"]
 
 
 class TaskHead(nn.Module):
@@ -76,20 +76,61 @@ class SoftmaxGate(nn.Module):
         return (self.usage_sum.double() / n).tolist(), float(self.entropy_sum) / n
 
 
-def gate_report(gates: Mapping[str, SoftmaxGate]) -> dict[str, Any]:
-    """``{"expert_usage": {name: [share per expert]}, "gate_entropy": {name: mean entropy}}`` over the
-    gates that have recorded rows."""
+class ZeroShare(nn.Module):
+    """Share of exactly-zero entries in each expert's output (dead ReLU units: HoME's "expert
+    collapse" symptom), accumulated over eval-mode forward passes like :class:`SoftmaxGate`."""
+
+    zero_sum: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, n_experts: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.register_buffer("zero_sum", torch.zeros(n_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def update(self, outputs: Sequence[torch.Tensor] | torch.Tensor) -> None:
+        """Record one batch: a list of ``n_experts`` tensors ``(N, ...)`` or one ``(N, n_experts, ...)``."""
+        if self.training:
+            return
+        with torch.no_grad():
+            if isinstance(outputs, torch.Tensor):
+                outputs = outputs.unbind(1)
+            if len(outputs) != self.n_experts:
+                raise ValueError(f"expected {self.n_experts} expert outputs, got {len(outputs)}")
+            n = outputs[0].shape[0]
+            shares = torch.stack([(o.detach() == 0).flatten(1).double().mean(1).sum() for o in outputs])
+            self.zero_sum += shares.to(self.zero_sum.device)
+            self.count += n
+
+    def reset_statistics(self) -> None:
+        self.zero_sum.zero_()
+        self.count.zero_()
+
+    def statistics(self) -> list[float] | None:
+        n = int(self.count)
+        return None if n == 0 else (self.zero_sum / n).tolist()
+
+
+def gate_report(gates: Mapping[str, SoftmaxGate], zero_shares: Mapping[str, ZeroShare] | None = None) -> dict[str, Any]:
+    """``{"expert_usage": {gate: [share per expert]}, "gate_entropy": {gate: mean entropy},
+    "expert_zero_share": {group: [share of zero outputs per expert]}}`` over what has recorded rows."""
     usage: dict[str, list[float]] = {}
     entropy: dict[str, float] = {}
     for name, gate in gates.items():
         stats = gate.statistics()
         if stats is not None:
             usage[name], entropy[name] = stats
-    return {"expert_usage": usage, "gate_entropy": entropy}
+    report: dict[str, Any] = {"expert_usage": usage, "gate_entropy": entropy}
+    zeros = {name: z.statistics() for name, z in (zero_shares or {}).items()}
+    zeros = {name: v for name, v in zeros.items() if v is not None}
+    if zeros:
+        report["expert_zero_share"] = zeros
+    return report
 
 
 def reset_gate_statistics(module: nn.Module) -> None:
-    """Zero the statistics of every :class:`SoftmaxGate` inside ``module``."""
+    """Zero the statistics of every :class:`SoftmaxGate` and :class:`ZeroShare` inside ``module``."""
     for m in module.modules():
-        if isinstance(m, SoftmaxGate):
+        if isinstance(m, SoftmaxGate | ZeroShare):
             m.reset_statistics()

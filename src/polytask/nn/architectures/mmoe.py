@@ -16,7 +16,7 @@ from torch import nn
 from polytask.data._tensors import InputSpec
 from polytask.nn._base import MultiTaskModel, register_model
 from polytask.nn.encoders import Hidden, gate_input, make_expert, make_stem, resolve_hidden
-from polytask.nn.heads import SoftmaxGate, TaskHead, gate_report, reset_gate_statistics
+from polytask.nn.heads import SoftmaxGate, TaskHead, ZeroShare, gate_report, reset_gate_statistics
 from polytask.tasks import Task
 
 __all__ = ["MMoE"]
@@ -74,12 +74,14 @@ class MMoE(MultiTaskModel):
         d = self.experts[0].out_dim
         self.gates = nn.ModuleList(SoftmaxGate(self.stem.out_dim, n_experts) for _ in tasks)
         self.towers = nn.ModuleList(TaskHead(d, t, tower_h, dropout) for t in tasks)
+        self.expert_zeros = ZeroShare(n_experts)
 
     def _forward(
         self, x: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         h = self.stem(x)
         experts = torch.stack([e(h) for e in self.experts], dim=1)  # (N, E, d)
+        self.expert_zeros.update(experts)
         g_in = gate_input(h)
         preds, gates = {}, {}
         for task, gate, tower in zip(self.tasks, self.gates, self.towers, strict=True):
@@ -104,9 +106,11 @@ class MMoE(MultiTaskModel):
 
     def diagnostics(self) -> dict[str, Any]:
         """Mean gate weight per expert (``expert_usage``, sums to one) and mean gate entropy in nats
-        (``gate_entropy``; ``log(n_experts)`` = uniform) per task, over eval-mode forward passes
-        since the last :meth:`reset_diagnostics`."""
-        return gate_report(dict(zip(self.task_names, self.gates, strict=True)))  # type: ignore[arg-type]
+        (``gate_entropy``; ``log(n_experts)`` = uniform) per task, and each expert's share of zero
+        outputs (``expert_zero_share``), over eval-mode forward passes since the last
+        :meth:`reset_diagnostics`."""
+        gates = dict(zip(self.task_names, self.gates, strict=True))
+        return gate_report(gates, {"experts": self.expert_zeros})  # type: ignore[arg-type]
 
     def reset_diagnostics(self) -> None:
         reset_gate_statistics(self)

@@ -25,7 +25,7 @@ from torch import nn
 from polytask.data._tensors import InputSpec
 from polytask.nn._base import MultiTaskModel, register_model
 from polytask.nn.encoders import MLP, Hidden, gate_input, make_expert, make_stem, resolve_hidden
-from polytask.nn.heads import SoftmaxGate, TaskHead, gate_report, reset_gate_statistics
+from polytask.nn.heads import SoftmaxGate, TaskHead, ZeroShare, gate_report, reset_gate_statistics
 from polytask.tasks import Task
 
 __all__ = ["CGC", "PLE", "SHARED_GATE"]
@@ -64,6 +64,8 @@ class _Level(nn.Module):
         )
         self.shared_gate = SoftmaxGate(gate_dim, n_tasks * n_task_experts + n_shared_experts) if shared_gate else None
         self.out_dim: int = self.shared_experts[0].out_dim
+        # zero-output shares in expert_names order: every task's own experts, then the shared ones
+        self.expert_zeros = ZeroShare(n_tasks * n_task_experts + n_shared_experts)
 
     def forward(
         self,
@@ -76,6 +78,7 @@ class _Level(nn.Module):
         task gate weights, shared gate weights or None)."""
         shared = torch.stack([e(shared_in) for e in self.shared_experts], dim=1)
         own = [[e(h) for e in experts] for experts, h in zip(self.task_experts, task_in, strict=True)]
+        self.expert_zeros.update([o for group in own for o in group] + list(shared.unbind(1)))
         outs, weights = [], []
         for k, gate in enumerate(self.task_gates):
             pool = torch.cat([torch.stack(own[k], dim=1), shared], dim=1) if own[k] else shared
@@ -210,8 +213,14 @@ class PLE(MultiTaskModel):
             gates = dict(zip(self.task_names, level.task_gates, strict=True))
             if level.shared_gate is not None:
                 gates[SHARED_GATE] = level.shared_gate
-            per_level.append(gate_report(gates))  # type: ignore[arg-type]
-        last = {key: {t: v for t, v in per_level[-1][key].items() if t != SHARED_GATE} for key in per_level[-1]}
+            per_level.append(gate_report(gates, {"experts": level.expert_zeros}))  # type: ignore[arg-type]
+        last = {
+            key: {t: v for t, v in per_level[-1][key].items() if t != SHARED_GATE}
+            for key in ("expert_usage", "gate_entropy")
+        }
+        if "expert_zero_share" in per_level[-1]:
+            # every expert of the last level: each task's own experts in task order, then shared
+            last["expert_zero_share"] = per_level[-1]["expert_zero_share"]
         names = {
             t: [f"{t}:{j}" for j in range(self.n_task_experts)] + [f"shared:{j}" for j in range(self.n_shared_experts)]
             for t in self.task_names
