@@ -87,6 +87,12 @@ class MultiTaskModel(nn.Module):
     def reset_diagnostics(self) -> None:
         """Forget the statistics that :meth:`diagnostics` reports; nothing by default."""
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A training-only loss of the architecture itself, from the last training-mode forward
+        pass (e.g. a mixture-of-experts load-balancing loss), or ``None``. The trainer adds its
+        gradient to every step's update, whichever balancer combines the task losses."""
+        return None
+
     # ------------------------------------------------------------- helpers for subclasses
     def _task_index(self, task: str) -> int:
         try:

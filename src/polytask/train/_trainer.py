@@ -209,6 +209,7 @@ class Trainer:
         if self.config.max_steps_per_epoch:
             steps = min(steps, self.config.max_steps_per_epoch)
         self.steps_per_epoch = steps
+        self.aux_loss_sum = 0.0  # the architecture's auxiliary loss, summed over this epoch's steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.config, steps))
         self.sampler = torch.Generator().manual_seed(self.config.seed)
         self.epoch = 0
@@ -343,6 +344,11 @@ class Trainer:
                 + "; try a lower --lr or --grad-clip"
             )
         self.optimizer.zero_grad(set_to_none=True)
+        aux = self.model.auxiliary_loss()
+        if aux is not None and aux.requires_grad:
+            # First, keeping the graph: balancers then add the task gradients to these .grad values.
+            aux.backward(retain_graph=True)
+            self.aux_loss_sum += float(aux.detach())
 
         def reforward() -> dict[str, torch.Tensor]:
             out = self.model(batch.x)
@@ -427,6 +433,7 @@ class Trainer:
                 improved = self._select(val)
                 self.bad_epochs = 0 if improved else self.bad_epochs + 1
                 self.balancer.epoch_end(self.epoch, train_loss)
+                aux_mean, self.aux_loss_sum = self.aux_loss_sum / max(self.steps_per_epoch, 1), 0.0
                 record = {
                     "epoch": self.epoch,
                     "seconds": round(seconds, 4),
@@ -436,6 +443,8 @@ class Trainer:
                     "val": val,
                     "best_epoch": dict(self.best_epoch),
                 }
+                if aux_mean:
+                    record["aux_loss"] = aux_mean
                 diag = self.model.diagnostics()
                 if diag:
                     record["diagnostics"] = diag
