@@ -208,3 +208,49 @@ def test_uncertainty_weighting_learns_its_weights(tmp_path: Path) -> None:
     # The balancer's parameters are part of the checkpoint.
     tensors, _ = load_checkpoint(tmp_path / "checkpoints" / "last.json")
     assert torch.equal(tensors["balancer.log_var"], log_var)
+
+
+class _PenalisedBottom(MultiTaskModel):
+    """Shared-bottom with an auxiliary loss ``c * ||trunk output||^2`` from the last training forward."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__(list(TASKS), SPEC)
+        torch.manual_seed(7)
+        self.inner = build_model("shared-bottom", TASKS, SPEC)
+        self.c = c
+        self._aux: torch.Tensor | None = None
+
+    def forward_with_representation(self, x: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
+        preds, reps = self.inner.forward_with_representation(x)
+        self._aux = self.c * reps[0].pow(2).mean() if self.training else None
+        return preds, reps
+
+    def task_parameter_names(self, task: str) -> list[str]:
+        return ["inner." + n for n in self.inner.task_parameter_names(task)]
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        return self._aux
+
+
+@pytest.mark.parametrize("balancer", ["equal", "upgrad"])
+def test_auxiliary_loss_gradient_is_added_under_any_balancer(balancer: str) -> None:
+    """The step's gradient is the balancer's plus the auxiliary loss's, and the epoch log has it."""
+    data = bundle(128)
+    batch = data.train.take(torch.arange(64))
+    grads = {}
+    for c in (0.0, 2.0):
+        net = _PenalisedBottom(c)
+        t = Trainer(net, data, balancer, TrainConfig(epochs=1, batch_size=64, lr=1e-3, grad_clip=None), progress=False)
+        t.step(batch)
+        grads[c] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net = _PenalisedBottom(2.0)
+    _, reps = net.forward_with_representation(batch.x)
+    aux = 2.0 * reps[0].pow(2).mean()
+    names = [n for n, _ in net.named_parameters()]
+    want = dict(zip(names, torch.autograd.grad(aux, list(net.parameters()), allow_unused=True), strict=True))
+    for n, g in grads[2.0].items():
+        extra = want[n] if want[n] is not None else torch.zeros_like(g)
+        torch.testing.assert_close(g, grads[0.0].get(n, torch.zeros_like(g)) + extra, rtol=1e-4, atol=1e-6)
+    t = Trainer(_PenalisedBottom(2.0), data, balancer, TrainConfig(epochs=1, batch_size=64), progress=False)
+    t.fit()
+    assert t.history[-1]["aux_loss"] > 0
