@@ -94,6 +94,16 @@ def test_predict_maps_unseen_categories_to_unknown(trained: tuple[Path, Path], t
         ("plain", ["--task", "buy:binary", "--model", "mmoee"], r"unknown model 'mmoee'; available: .*mmoe"),
         ("plain", ["--task", "buy:binary", "--balancer", "eq"], r"unknown balancer 'eq'; available: .*equal"),
         ("plain", ["--task", "buy:binary", "--model-param", "depth=3"], r"model 'shared-bottom' has no parameter"),
+        (
+            "plain",
+            ["--task", "buy:binary", "--task", "x2:regression", "--balancer", "f-mtl", "--balancer-param", "base=famo"],
+            r"f-mtl base 'famo' is a loss-level balancer; valid gradient-level bases: .*upgrad",
+        ),
+        (
+            "plain",
+            ["--task", "buy:binary", "--task", "x2:regression", "--balancer=rep-mtl", "--balancer-param=base=mgda"],
+            r"rep-mtl .*'mgda'.*equal",
+        ),
     ],
 )
 def test_bad_input_gets_one_line_error(tmp_path: Path, make: str | None, args: list[str], message: str) -> None:
