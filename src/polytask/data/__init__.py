@@ -7,6 +7,8 @@ Importing this package registers the built-in data sets (``census-*``, ``mnist``
 from __future__ import annotations
 
 from polytask.data import census, vision
+from polytask.data import funnel as funnel  # registers funnel-synthetic
+from polytask.data import heterogeneous as heterogeneous  # registers hetero-vision
 from polytask.data._bundle import DATASETS, DataBundle, load_dataset, register_dataset
 from polytask.data._datadir import DataIntegrityError, cache_dir, data_dir, resolve, sha256_file, verify_file
 from polytask.data._table import (

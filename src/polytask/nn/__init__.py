@@ -1,8 +1,8 @@
 """Networks: encoders, heads and the multi-task architectures behind one registry.
 
 >>> from polytask.nn import MODELS
->>> sorted(MODELS)
-['cgc', 'mmoe', 'ple', 'shared-bottom', 'single']
+>>> sorted(MODELS)[:5]
+['aitm', 'apem', 'cgc', 'controllable', 'cross-stitch']
 """
 
 from __future__ import annotations

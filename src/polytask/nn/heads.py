@@ -12,7 +12,7 @@ from torch import nn
 from polytask.nn.encoders import MLP
 from polytask.tasks import Task
 
-__all__ = ["SoftmaxGate", "TaskHead", "ZeroShare", "gate_report", "reset_gate_statistics"]
+__all__ = ["SoftmaxGate", "TaskHead", "WeightStatistics", "ZeroShare", "gate_report", "reset_gate_statistics"]
 
 
 class TaskHead(nn.Module):
@@ -112,6 +112,64 @@ class ZeroShare(nn.Module):
         return None if n == 0 else (self.zero_sum / n).tolist()
 
 
+class WeightStatistics(nn.Module):
+    """Eval-mode statistics of non-negative gate weights ``(N, E)`` that need not be a softmax.
+
+    Rows are normalised to sum to one before recording, so :meth:`statistics` has the meaning and
+    layout of :meth:`polytask.nn.heads.SoftmaxGate.statistics` (mean share per expert, mean entropy
+    in nats) and plugs into :func:`polytask.nn.heads.gate_report`. It also keeps the mean raw row sum
+    (:meth:`mass`: 1 for distributions, the mean sigmoid for a single sigmoid gate) and the mean
+    number of experts with a non-zero weight (:meth:`support`). Buffers are not saved.
+    """
+
+    usage_sum: torch.Tensor
+    entropy_sum: torch.Tensor
+    mass_sum: torch.Tensor
+    support_sum: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, n_experts: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.register_buffer("usage_sum", torch.zeros(n_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("mass_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("support_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def update(self, w: torch.Tensor) -> None:
+        if self.training:
+            return
+        with torch.no_grad():
+            w = w.detach().double()
+            mass = w.sum(1, keepdim=True)
+            share = w / mass.clamp_min(torch.finfo(w.dtype).tiny)
+            self.usage_sum += share.sum(0).to(self.usage_sum.device)
+            self.entropy_sum += torch.special.entr(share).sum().to(self.entropy_sum.device)
+            self.mass_sum += mass.sum().to(self.mass_sum.device)
+            self.support_sum += (w > 0).sum().to(self.support_sum.device)
+            self.count += w.shape[0]
+
+    def reset_statistics(self) -> None:
+        for b in (self.usage_sum, self.entropy_sum, self.mass_sum, self.support_sum, self.count):
+            b.zero_()
+
+    def statistics(self) -> tuple[list[float], float] | None:
+        """(mean share per expert, mean entropy of the shares in nats) over the recorded rows."""
+        n = int(self.count)
+        if n == 0:
+            return None
+        return (self.usage_sum / n).tolist(), float(self.entropy_sum) / n
+
+    def mass(self) -> float | None:
+        n = int(self.count)
+        return None if n == 0 else float(self.mass_sum) / n
+
+    def support(self) -> float | None:
+        n = int(self.count)
+        return None if n == 0 else float(self.support_sum) / n
+
+
 def gate_report(gates: Mapping[str, SoftmaxGate], zero_shares: Mapping[str, ZeroShare] | None = None) -> dict[str, Any]:
     """``{"expert_usage": {gate: [share per expert]}, "gate_entropy": {gate: mean entropy},
     "expert_zero_share": {group: [share of zero outputs per expert]}}`` over what has recorded rows."""
@@ -130,7 +188,7 @@ def gate_report(gates: Mapping[str, SoftmaxGate], zero_shares: Mapping[str, Zero
 
 
 def reset_gate_statistics(module: nn.Module) -> None:
-    """Zero the statistics of every :class:`SoftmaxGate` and :class:`ZeroShare` inside ``module``."""
+    """Zero the statistics of every gate recorder and :class:`ZeroShare` inside ``module``."""
     for m in module.modules():
-        if isinstance(m, SoftmaxGate | ZeroShare):
+        if isinstance(m, SoftmaxGate | WeightStatistics | ZeroShare):
             m.reset_statistics()
