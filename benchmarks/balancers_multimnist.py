@@ -161,6 +161,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "(`multimnist.md`, `census_mmoe.md`), chosen there for equal weighting on validation; no balancer was "
         "tuned here, so the table compares defaults, not each method at its best.",
         "",
+        *([f"Note: {meta['note']}", ""] if meta.get("note") else []),
         "## Overall",
         "",
         overall(doc["summary"]),
@@ -181,6 +182,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="ignore runs already stored in the results file")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the JSON file runs are stored in")
+    ap.add_argument("--rerun", nargs="*", default=[], help="balancers whose stored runs are discarded and run again")
+    ap.add_argument("--note", default="", help="a remark printed under the protocol (e.g. on machine load)")
     args = ap.parse_args()
     set_threads(args.threads)
     methods = [SINGLE, *(args.balancers or sorted(BALANCERS))]
@@ -196,6 +199,8 @@ def main() -> None:
         tasks = [t.name for t in bundle.tasks]
         doc["tasks"][name] = tasks
         runs = doc["runs"].setdefault(name, {})
+        for method in args.rerun:
+            runs.pop(method, None)
         for method in methods:
             for seed in seeds:
                 if str(seed) in runs.get(method, {}):
@@ -205,14 +210,23 @@ def main() -> None:
                 status = r.get("error") or " ".join(f"{t} {r['test'][t][setting['metric']]:.4f}" for t in tasks)
                 print(f"{name} {method} seed {seed}: {status} ({r['seconds']:.0f} s)", flush=True)
                 write_json(args.results, doc)
-        selected = {m: {s: runs[m][str(s)] for s in seeds} for m in methods}
+        # every method stored for these seeds, not only the ones run now (a rerun of one method
+        # keeps the others' rows)
+        selected = {
+            m: {s: by_seed[str(s)] for s in seeds}
+            for m, by_seed in runs.items()
+            if all(str(s) in by_seed for s in seeds)
+        }
         doc["summary"][name] = summarise(selected, tasks, setting["metric"])
     doc["meta"] = {
         "date": now_utc(),
         "machine": machine(args.threads),
         "command": command_line(),
         "seeds": seeds,
-        "runtime_s": sum(r["seconds"] for d in args.datasets for m in methods for r in doc["runs"][d][m].values()),
+        "runtime_s": sum(
+            r["seconds"] for d in args.datasets for by_seed in doc["runs"][d].values() for r in by_seed.values()
+        ),
+        "note": args.note,
         "wall_s_this_invocation": time.perf_counter() - t_start,
     }
     write_json(args.results, doc)

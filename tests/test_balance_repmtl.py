@@ -319,3 +319,17 @@ def test_bad_hyper_parameters_are_refused() -> None:
         build_balancer("rep-mtl", TASKS, base_params=0.5)
     with pytest.raises(ValueError, match=r"balancer 'uncertainty' has no parameter \['alpha'\]"):
         build_balancer("rep-mtl", TASKS, base="uncertainty", base_params={"alpha": 1.0})
+
+
+def test_tiny_saliencies_give_finite_gradients_in_float32() -> None:
+    """A sample whose saliency is denormal-small (a confidently right prediction) must not turn the
+    regulariser's gradient into inf/NaN (it did on Census before the floors were introduced)."""
+    torch.manual_seed(0)
+    for scale in (1e-20, 1e-30, 1e-38):
+        s = torch.randn(2, 6, 8)
+        s[:, 1] *= scale
+        s[0, 2] *= scale
+        s.requires_grad_(True)
+        total = rep_mtl_regulariser(s, 0.9, 0.9, 0.5)
+        (g,) = torch.autograd.grad(total, s)
+        assert torch.isfinite(total) and torch.isfinite(g).all(), scale

@@ -90,6 +90,13 @@ def task_saliency(losses: Sequence[torch.Tensor], representation: torch.Tensor) 
     return torch.stack(rows)
 
 
+# Saliencies are rescaled to a largest entry of 1 (see rep_mtl_regulariser). Entries below these
+# floors are treated as absent: exactly-zero tests let denormal values through, whose 1/x and
+# 1/sqrt(x) derivatives (second-order, through create_graph) overflow to inf and then NaN.
+_TOTAL_FLOOR = 1e-6  # task-summed |channel mean| at a position (TSR)
+_NORM2_FLOOR = 1e-12  # squared Frobenius norms of affinities and anchors (CSA)
+
+
 def _safe_sqrt(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     # sqrt(0) has an infinite derivative: give invalid entries 1 before the root, never after.
     return torch.sqrt(torch.where(valid, x, torch.ones((), dtype=x.dtype, device=x.device)))
@@ -99,11 +106,11 @@ def tsr_loss(saliency: torch.Tensor) -> torch.Tensor:
     """Task-specific saliency regulation (eqs. 4-6) of saliencies laid out ``(T, B, C, P)``.
 
     Mean over (sample, position) of the entropy over tasks of ``|channel mean of S_t|``; positions
-    where every task's channel mean is zero are left out (zero when none is left).
+    where every task's channel mean is (numerically) zero are left out (zero when none is left).
     """
     s_hat = saliency.mean(dim=2).abs()  # (T, B, P)
     total = s_hat.sum(dim=0)  # (B, P)
-    valid = total > 0
+    valid = total > _TOTAL_FLOOR
     one = torch.ones((), dtype=total.dtype, device=total.device)
     p = s_hat / torch.where(valid, total, one)
     # 0 log 0 = 0; the clamp keeps the derivative finite where a task's saliency vanishes.
@@ -136,8 +143,8 @@ def csa_loss(saliency: torch.Tensor, temperature: float) -> torch.Tensor:
     # <Ahat_b, M_tb> = ||A_b^T S_tb||_F^2
     cross = torch.einsum("buc,tbcp->tbup", anchors, saliency).pow(2).sum(dim=(-2, -1))  # (T, B)
 
-    anchor_ok = anchor_norm2 > 0
-    pos_ok = (affinity_norm2 > 0) & anchor_ok[None, :]
+    anchor_ok = anchor_norm2 > _NORM2_FLOOR
+    pos_ok = (affinity_norm2 > _NORM2_FLOOR) & anchor_ok[None, :]
     anchor_norm = _safe_sqrt(anchor_norm2, anchor_ok)
     pos_sim = cross / (_safe_sqrt(affinity_norm2, pos_ok) * anchor_norm[None, :])
     neg_ok = anchor_ok[:, None] & anchor_ok[None, :] & ~torch.eye(batch, dtype=torch.bool, device=saliency.device)
