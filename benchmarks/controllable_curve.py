@@ -4,8 +4,9 @@ One slimmable model (``controllable``, Aich et al., ICCV 2023) is trained once o
 training its batch-norm statistics are recomputed per width, every configuration is profiled on the
 validation split, and for each FLOPs budget ``search`` picks a configuration (equal task preferences,
 and a left-only preference), which is then evaluated on the test split. Beside it, fixed-width models
-(the same architecture with a single width ratio, so the same FLOPs as the controllable model's
-uniform configuration at that ratio) are trained separately, one per width, under the same protocol.
+(the same architecture with every layer as wide as the slimmable one at that ratio, so the same
+FLOPs as the controllable model's uniform configuration there) are trained separately, one per
+width, under the same protocol.
 
     python benchmarks/controllable_curve.py                  # 3 seeds
     python benchmarks/controllable_curve.py --seeds 1 --n-train 2000 --epochs 2     # a quick look
@@ -28,15 +29,22 @@ from _common import ROOT, command_line, fmt_cell, machine, machine_line, now_utc
 from polytask.data import load_dataset
 from polytask.nn import build_model
 from polytask.nn.architectures.controllable import calibrate_batch_norm, profile_configurations
+from polytask.nn.slimmable import active_width
 from polytask.train import TrainConfig, Trainer, evaluate_model
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 TRAIN: dict[str, Any] = {"epochs": 5, "batch_size": 256, "lr": 1e-2, "schedule": "cosine", "patience": None}
 
 
-def train(bundle: Any, widths: tuple[float, ...], seed: int, cfg: TrainConfig) -> tuple[Any, float]:
+def fixed_width_params(r: float) -> dict[str, Any]:
+    """The architecture at one width: every layer as wide as the slimmable one runs at ratio ``r``."""
+    return {"widths": (1.0,), "conv_channels": (active_width(16, r), active_width(32, r)),
+            "hidden": (active_width(64, r),), "decoder_hidden": (active_width(32, r),), "n_sampled": 0}  # fmt: skip
+
+
+def train(bundle: Any, params: dict[str, Any], seed: int, cfg: TrainConfig) -> tuple[Any, float]:
     torch.manual_seed(seed)
-    model = build_model("controllable", bundle.tasks, bundle.input_spec, widths=widths)
+    model = build_model("controllable", bundle.tasks, bundle.input_spec, **params)
     t0 = time.perf_counter()
     Trainer(model, bundle, "equal", TrainConfig(**{**cfg.to_dict(), "seed": seed}), None, progress=False).fit()
     calibrate_batch_norm(model, bundle.train)
@@ -50,7 +58,7 @@ def test_scores(model: Any, bundle: Any, config: dict[str, float]) -> dict[str, 
 
 
 def run_seed(bundle: Any, seed: int, cfg: TrainConfig) -> dict[str, Any]:
-    model, secs = train(bundle, WIDTHS, seed, cfg)
+    model, secs = train(bundle, {"widths": WIDTHS}, seed, cfg)
     table = profile_configurations(model, bundle.val)
     uniform = {r: {k: r for k in model.config_keys} for r in WIDTHS}
     budgets = [model.count(uniform[r])["flops"] for r in WIDTHS]
@@ -64,8 +72,8 @@ def run_seed(bundle: Any, seed: int, cfg: TrainConfig) -> dict[str, Any]:
                                  "test": test_scores(model, bundle, chosen)})  # fmt: skip
     fixed = []
     for r in WIDTHS:
-        m, s = train(bundle, (r,), seed, cfg)
-        full = {k: r for k in m.config_keys}
+        m, s = train(bundle, fixed_width_params(r), seed, cfg)
+        full = {k: 1.0 for k in m.config_keys}
         fixed.append({"width": r, "flops": m.count(full)["flops"], "parameters": m.count(full)["parameters"],
                       "test": test_scores(m, bundle, full), "seconds": s})  # fmt: skip
     uniform_test = [{"width": r, "test": test_scores(model, bundle, uniform[r])} for r in WIDTHS]
@@ -90,8 +98,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "recalibration each configuration is profiled on **validation**, and `search(budget, preferences, "
         "table)` picks the configuration per FLOPs budget; the table shows its **test** accuracy (mean ± std "
         "over seeds). Budgets are the FLOPs of the uniform configurations (all widths equal to r). "
-        "Fixed-width rows: the same architecture built with the single ratio r, trained separately (one model "
-        "per budget). `uniform r (controllable)`: the trained controllable model run at all widths r.",
+        "Fixed-width rows: the same architecture with every layer as wide as the slimmable one runs at ratio r "
+        "(no slimming, no distillation), trained separately (one model per budget). `uniform r (controllable)`: "
+        "the trained controllable model run at all widths r.",
         "",
         "| budget (MFLOPs / image) | fixed-width model, left / right | controllable uniform r, left / right | "
         "controllable search (equal prefs), left / right | its config | search (left only): left |",
