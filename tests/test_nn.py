@@ -62,11 +62,13 @@ SMALL = {
     "task-expert": {"widths": (4, 8), "blocks_per_stage": 1, "n_experts": 2, "expert_dim": 4},
     "mod-squad": {"dim": 8, "depth": 2, "heads": 2, "patch_size": 7, "n_experts": 3, "attn_experts": 3},
     "m3vit": {"dim": 8, "depth": 2, "heads": 2, "patch_size": 7, "n_experts": 3},
+    "multitab": {"dim": 8, "n_blocks": 2, "n_heads": 2, "ffn_dim": 8},
 }
 #: Models that read only one kind of input (the others get a one-line error, tested in their files).
 ONLY = {
     "apem": ("tabular",),
     "dtrn": ("tabular",),
+    "multitab": ("tabular",),
     "mtan": ("image",),
     "resnet-shared-bottom": ("image",),
     "task-expert": ("image",),

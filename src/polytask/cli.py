@@ -201,10 +201,23 @@ def _print_metrics(title: str, metrics: dict[str, dict[str, float]]) -> None:
         click.echo(f"  {task:<20} " + "  ".join(f"{k}={v:.4f}" for k, v in ms.items()))
 
 
+def _distributed_rank() -> int:
+    """This process's rank under torchrun (0 in a plain run)."""
+    from polytask.train._distributed import current
+
+    ctx = current()
+    return 0 if ctx is None else ctx.rank
+
+
 @cli.command()
 @click.argument("data")
 @_data_options
-@click.option("--model", default="shared-bottom", show_default=True, help="Architecture (see `polytask models`).")
+@click.option(
+    "--model",
+    default="shared-bottom",
+    show_default=True,
+    help="Architecture (`polytask models`) or boosting model (`polytask boosters`).",
+)
 @click.option("--model-param", multiple=True, help="Architecture hyper-parameter KEY=VALUE; repeat.")
 @click.option("--balancer", default="equal", show_default=True, help="Balancer (see `polytask balancers`).")
 @click.option("--balancer-param", multiple=True, help="Balancer hyper-parameter KEY=VALUE; repeat.")
@@ -233,6 +246,8 @@ def fit(data: str, **kw: Any) -> None:
         data_options=options,
         data_seed=split_seed,
     )
+    if _distributed_rank() > 0:
+        return  # under torchrun, rank 0 reports
     click.echo(f"best epoch: {res.best_epoch}; {res.seconds_per_epoch:.2f} s/epoch; run written to {kw['output']}")
     _print_metrics("validation:", res.val)
     if res.test is not None:
@@ -372,6 +387,171 @@ def datasets() -> None:
 
     for name, e in sorted(DATASETS.items()):
         click.echo(f"{name:<22} {e.description} ({e.source})")
+
+
+# --- polytask merge (model merging) ---
+
+
+@cli.command("merge")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--list", "list_methods", is_flag=True, help="List every merge method with its paper and defaults.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def merge_cmd(config: str | None, overwrite: bool, list_methods: bool, quiet: bool) -> None:
+    """Merge fine-tuned models as described by the YAML file CONFIG (see docs in polytask.merge)."""
+    from polytask.merge import DATA_DRIVEN, MERGE_METHODS
+
+    if list_methods:
+        for name, e in sorted(MERGE_METHODS.items()):
+            params = ", ".join(f"{k}={v}" for k, v in e.defaults.items()) or "(none)"
+            kind = "data-driven" if name in DATA_DRIVEN else "data-free"
+            click.echo(f"{name:<18} [{kind}] {e.description}\n{'':<18} paper: {e.paper}\n{'':<18} params: {params}")
+        return
+    if config is None:
+        raise click.UsageError("give a merge config file (CONFIG.yaml) or --list")
+    from polytask.merge import merge
+
+    t0 = time.perf_counter()
+    out = merge(config, overwrite=overwrite, progress=False if quiet else None)
+    click.echo(f"merged model written to {out} in {time.perf_counter() - t0:.1f} s")
+
+
+# --- polytask bench / sweep (suites, leaderboard, Optuna) ---
+
+
+@cli.command("bench")
+@click.argument("suite", required=False)
+@click.option(
+    "--output", "-o", type=click.Path(file_okay=False), default=None, help="BENCH_DIR (default: bench-<suite name>)."
+)
+@click.option("--workers", default=1, show_default=True, help="Worker processes (0: train in this process).")
+@click.option("--threads", type=int, default=None, help="Torch threads per worker (default: cores // workers).")
+@click.option("--retry-failed", is_flag=True, help="Run failed runs again (default: keep their stored error).")
+@click.option(
+    "--leaderboard",
+    "board_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Print the leaderboard of BENCH_DIR from its SQLite file (no training).",
+)
+@click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard to FILE.")
+@click.option("--quiet", is_flag=True, help="No line per finished run.")
+def bench_cmd(
+    suite: str | None,
+    output: str | None,
+    workers: int,
+    threads: int | None,
+    retry_failed: bool,
+    board_dir: str | None,
+    markdown: str | None,
+    quiet: bool,
+) -> None:
+    """Run the grid of SUITE (a YAML file or a shipped suite name) into BENCH_DIR, then print its leaderboard.
+
+    Results go to BENCH_DIR/bench.sqlite as runs finish; rerunning the same command skips finished
+    runs and resumes half-finished ones. Shipped suites: multimnist, census-group1.
+    """
+    from polytask.bench import leaderboard, load_suite, run_bench
+    from polytask.train._checkpoint import atomic_write_text
+
+    if board_dir is None:
+        if suite is None:
+            raise click.UsageError("give a SUITE to run, or --leaderboard BENCH_DIR")
+        spec = load_suite(suite)
+        board_dir = output or f"bench-{spec.name}"
+        try:
+            summary = run_bench(spec, board_dir, workers=workers, threads=threads, retry_failed=retry_failed,
+                                echo=None if quiet else click.echo)  # fmt: skip
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: finished runs are stored in {board_dir}/bench.sqlite; rerun to resume", err=True)
+            sys.exit(130)
+        click.echo(summary.line())
+    elif suite is not None:
+        raise click.UsageError("--leaderboard reads a BENCH_DIR; do not give a SUITE with it")
+    board = leaderboard(board_dir)
+    board.print()
+    if markdown:
+        atomic_write_text(markdown, board.to_markdown())
+        click.echo(f"leaderboard written to {markdown}")
+
+
+@cli.command("sweep")
+@click.argument("data")
+@_data_options
+@click.option("--model", default="shared-bottom", show_default=True, help="Architecture (see `polytask models`).")
+@click.option("--model-param", multiple=True, help="Fixed architecture hyper-parameter KEY=VALUE; repeat.")
+@click.option("--balancer", default="equal", show_default=True, help="Balancer (see `polytask balancers`).")
+@click.option("--balancer-param", multiple=True, help="Fixed balancer hyper-parameter KEY=VALUE; repeat.")
+@click.option("--space", required=True, type=click.Path(dir_okay=False), help="YAML search space file.")
+@click.option("--trials", required=True, type=int, help="Total trials of the study (finished ones count).")
+@click.option("--storage", default=None, help="Optuna RDB URL (default: sqlite:///OUTPUT/study.db).")
+@click.option("--study", default=None, help="Study name (default: DATA-MODEL-BALANCER); the same name resumes.")
+@click.option("--sampler-seed", default=0, show_default=True, help="Seed of the TPE sampler.")
+@_train_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder of study and best run.")
+def sweep_cmd(data: str, **kw: Any) -> None:
+    """Optuna study on the validation score of DATA; the best trial is re-trained and its test metrics shown.
+
+    Many workers on many machines share one study through --storage postgresql://USER@HOST/DB
+    (with psycopg[binary] installed) and the same --study name.
+    """
+    from polytask.bench import sweep
+
+    specs, options = _collect_data(data, kw)
+    split_seed = kw.pop("split_seed")
+    quiet = kw.pop("quiet")
+    config = _config(kw)
+    res = sweep(
+        data,
+        specs or None,
+        model=kw["model"],
+        balancer=kw["balancer"],
+        space=kw["space"],
+        trials=kw["trials"],
+        output=kw["output"],
+        storage=kw["storage"],
+        study=kw["study"],
+        config=config,
+        model_params=_parse_kv(kw["model_param"], "--model-param"),
+        balancer_params=_parse_kv(kw["balancer_param"], "--balancer-param"),
+        data_options=options,
+        data_seed=split_seed,
+        seed=kw["sampler_seed"],
+        echo=None if quiet else click.echo,
+    )
+    click.echo(f"study '{res.study}': {res.n_trials} trial(s), {res.ran} run now; best trial {res.best_trial}")
+    shown = {g: p for g, p in res.best_params.items() if p}
+    click.echo(f"best settings: {json.dumps(shown)} (val score {res.best_value:.4f})")
+    _print_metrics("validation:", res.val)
+    if res.test is not None:
+        _print_metrics("test:", res.test)
+    click.echo(f"best trial re-trained into {res.run_dir}; summary in {Path(kw['output']) / 'sweep.json'}")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path())
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="HTML file [DIRECTORY/report.html]")
+def report(directory: str, output: str | None) -> None:
+    """One self-contained HTML report (plots inline) for a run directory or a folder of runs."""
+    from polytask.evaluate._plots import MissingPlotsDependency
+    from polytask.evaluate.report import write_report
+
+    try:
+        path = write_report(directory, output)
+    except MissingPlotsDependency as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(f"report written to {path}")
+
+
+@cli.command()
+def boosters() -> None:
+    """List the gradient-boosting models (``polytask fit DATA --model NAME``) with their parameters."""
+    from polytask.boost import BOOSTERS
+
+    for name, e in sorted(BOOSTERS.items()):
+        params = ", ".join(f"{k}={v}" for k, v in e.defaults.items())
+        click.echo(f"{name:<15} {e.description}\n{'':<15} paper: {e.paper}\n{'':<15} params: {params}")
 
 
 def main() -> None:

@@ -22,6 +22,15 @@ input ``X`` (M rows) and deltas ``D_k``:
 So an exact Gramian-based step costs one forward, one batched pass of K activation gradients and
 one weight-gradient pass, against one forward and K full backward passes for the naive method.
 Without captures the engine falls back to K ``autograd.grad`` calls (the reference the tests use).
+
+Distributed data parallel (``distributed=True``): each rank's per-task gradient blocks are averaged
+across ranks (one all-reduce) right after the pass, before any Gramian, Jacobian or direction is
+formed; a sum of per-rank Gramians is not the Gramian of the averaged gradients. The layer kernels
+(``X``, ``D``) are per-rank, so the engine then works from explicit ``dW_k`` blocks.
+
+Gradient statistics: :meth:`GradientEngine.gradient_statistics` reads the Gramian or Jacobian a
+balancer already asked for (never computing gradients of its own) and returns the task-gradient
+cosine similarities and norms that the trainer logs per epoch.
 """
 
 from __future__ import annotations
@@ -29,11 +38,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from polytask.balance._capture import CapturedLinear
 
-__all__ = ["GradientEngine", "NoSharedParametersError"]
+__all__ = ["GradientEngine", "NoSharedParametersError", "gradient_cosine"]
 
 Weights = Mapping[str, float | torch.Tensor] | torch.Tensor | Sequence[float]
 
@@ -78,6 +88,16 @@ def _batched_grads(
         g if g is not None else torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)
         for g, x in zip(grads, inputs, strict=True)
     ]
+
+
+def gradient_cosine(gramian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities ``G_kl / sqrt(G_kk G_ll)`` (K, K) and norms ``sqrt(G_kk)`` (K,) of the task
+    gradients behind ``gramian``; a task with a zero gradient has cosine 0 with every task (itself too)."""
+    g = gramian.detach().to(torch.float64)
+    norms = g.diagonal().clamp_min(0.0).sqrt()
+    outer = norms[:, None] * norms[None, :]
+    cos = torch.where(outer > 0, g / outer.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(g))
+    return cos.clamp(-1.0, 1.0), norms
 
 
 class _Layer:
@@ -130,6 +150,8 @@ class GradientEngine:
         reforward: re-runs the model's forward pass on the same batch with the parameters' current
             values and returns fresh task losses (for methods that evaluate the losses at perturbed
             parameters, e.g. F-MTL); ``None`` when the caller cannot provide it.
+        distributed: average the per-task shared gradients across the ranks of the default
+            ``torch.distributed`` process group before they are used.
     """
 
     def __init__(
@@ -140,8 +162,10 @@ class GradientEngine:
         representation: Sequence[torch.Tensor] = (),
         captures: Sequence[CapturedLinear] | None = None,
         reforward: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+        distributed: bool = False,
     ) -> None:
         self.losses = dict(losses)
+        self.distributed = distributed
         self.reforward = reforward
         # A regulariser that the next loss-level backward adds to the weighted sum (e.g. Rep-MTL's).
         self.extra_loss: torch.Tensor | None = None
@@ -249,6 +273,29 @@ class GradientEngine:
         self._specific_grads = grads[pos : pos + len(self.specific)]
         pos += len(self.specific)
         self._rep_grads = grads[pos:]
+        if self.distributed:
+            self._average_across_ranks()
+
+    def _average_across_ranks(self) -> None:
+        """Replace this rank's per-task shared gradients by their mean over all ranks (one all-reduce).
+
+        Layer kernels cannot be averaged (each rank has its own rows), so every layer becomes explicit
+        ``dW_k`` / ``db_k`` blocks; task-specific gradients stay local (the trainer averages ``.grad``).
+        """
+        assert self._per_task is not None and self._layers is not None
+        blocks = dict(self._per_task)
+        for layer in self._layers:
+            dw, db = layer.per_task()
+            blocks[id(layer.module.weight)] = dw
+            if db is not None:
+                blocks[id(layer.module.bias)] = db
+        self._layers = []
+        keys = list(blocks)
+        flat = torch.cat([blocks[key].reshape(-1) for key in keys])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        parts = flat.split([blocks[key].numel() for key in keys])
+        self._per_task = {key: part.view_as(blocks[key]) for key, part in zip(keys, parts, strict=True)}
 
     def _param_grads(self) -> list[torch.Tensor]:
         """Per-task gradient of every shared parameter, in ``shared`` order: ``(K, numel)`` each."""
@@ -299,6 +346,13 @@ class GradientEngine:
                     g = g + flat @ flat.T
                 self._gramian = g
         return self._gramian
+
+    def gradient_statistics(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(cosine (K, K), norms (K,))`` of the shared-parameter task gradients, if this step already
+        formed the Gramian or the Jacobian (``None`` otherwise: no extra backward work is done)."""
+        if self._gramian is None and self._jacobian is None:
+            return None
+        return gradient_cosine(self.gramian())
 
     def representation_jacobian(self) -> torch.Tensor:
         """Per-task gradients of the shared representation (all tensors, flattened): ``(K, R)``.

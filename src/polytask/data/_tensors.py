@@ -22,6 +22,8 @@ class InputSpec:
     ``(N, len(cardinalities))`` where ``cardinalities[j]`` counts category ids of column j
     (id 0 is the unknown/missing bucket).
     ``kind == "image"``: ``x["image"]`` float ``(N, channels, height, width)``.
+    ``kind == "text"``: long ``x["input_ids"]``, ``x["attention_mask"]`` (and ``x["token_type_ids"]``)
+    ``(N, max_length)`` from a Hugging Face tokenizer (see :mod:`polytask.data.glue`).
     """
 
     kind: str
@@ -32,8 +34,8 @@ class InputSpec:
     width: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("tabular", "image"):
-            raise ValueError(f"input kind must be 'tabular' or 'image', got '{self.kind}'")
+        if self.kind not in ("tabular", "image", "text"):
+            raise ValueError(f"input kind must be 'tabular', 'image' or 'text', got '{self.kind}'")
         object.__setattr__(self, "cardinalities", tuple(int(c) for c in self.cardinalities))
 
     def to_dict(self) -> dict[str, Any]:

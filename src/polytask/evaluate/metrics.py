@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from polytask.tasks import Task, TaskKind, missing_mask
 
-__all__ = ["compute_metrics", "evaluate_predictions", "primary_score"]
+__all__ = ["GLUE_METRIC_FNS", "compute_metrics", "evaluate_predictions", "glue_score", "primary_score"]
 
 _NAN = float("nan")
 _F64 = torch.float64
@@ -217,3 +217,79 @@ def _auc_columns(scores: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> t
     r_pos = torch.where(positive, rank, torch.zeros((), dtype=_F64)).sum(1)
     auc = (r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp(min=1)
     return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full((), _NAN, dtype=_F64))
+
+
+# --------------------------------------------------------------------------------- GLUE metrics
+def _glue_arrays(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pred = torch.as_tensor(pred).detach().cpu().to(_F64).reshape(-1)
+    y = torch.as_tensor(y).detach().cpu().to(_F64).reshape(-1)
+    if pred.shape != y.shape:
+        raise ValueError(f"predictions {tuple(pred.shape)} and labels {tuple(y.shape)} differ in length")
+    return pred, y
+
+
+def _mcc(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Matthews correlation of 0/1 predictions (logit >= 0) against 0/1 labels; 0 when undefined (as sklearn)."""
+    hat = pred >= 0
+    pos = y == 1
+    tp, tn = float((hat & pos).sum()), float((~hat & ~pos).sum())
+    fp, fn = float((hat & ~pos).sum()), float((~hat & pos).sum())
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom > 0 else 0.0
+
+
+def _f1(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """F1 of the positive class (logit >= 0 predicts positive); 0 when there is no positive at all."""
+    hat = pred >= 0
+    pos = y == 1
+    tp = float((hat & pos).sum())
+    denom = float(hat.sum() + pos.sum())
+    return 2 * tp / denom if denom > 0 else 0.0
+
+
+def _accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return float(((pred >= 0).to(_F64) == y).to(_F64).mean())
+
+
+def _pearson(pred: torch.Tensor, y: torch.Tensor) -> float:
+    a, b = pred - pred.mean(), y - y.mean()
+    denom = float((a.square().sum() * b.square().sum()).sqrt())
+    return float((a * b).sum()) / denom if denom > 0 else _NAN
+
+
+def _average_ranks(v: torch.Tensor) -> torch.Tensor:
+    order = v.argsort()
+    sorted_v = v[order]
+    new_group = torch.ones(v.shape[0], dtype=torch.bool)
+    new_group[1:] = sorted_v[1:] != sorted_v[:-1]
+    gid = new_group.cumsum(0) - 1
+    pos = torch.arange(1, v.shape[0] + 1, dtype=_F64)
+    mean_rank = torch.zeros(int(gid[-1]) + 1, dtype=_F64).index_add_(0, gid, pos)
+    mean_rank /= torch.bincount(gid).to(_F64)
+    ranks = torch.empty_like(pos)
+    ranks[order] = mean_rank[gid]
+    return ranks
+
+
+def _spearman(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of average ranks (ties share their mean rank, as scipy's spearmanr)."""
+    return _pearson(_average_ranks(pred), _average_ranks(y))
+
+
+# GLUE's official metrics on raw outputs: a logit for binary tasks, a value for regression (any affine
+# standardisation of a regression output leaves both correlations unchanged, up to its sign).
+GLUE_METRIC_FNS = {"mcc": _mcc, "f1": _f1, "accuracy": _accuracy, "pearson": _pearson, "spearman": _spearman}
+
+
+def glue_score(metric: str, pred: torch.Tensor, y: torch.Tensor) -> float:
+    """One GLUE metric (``mcc``, ``f1``, ``accuracy``, ``pearson``, ``spearman``) of ``pred`` against ``y``.
+
+    Binary metrics read ``pred`` as logits (``>= 0`` predicts class 1) and ``y`` as 0/1 labels; NaN
+    predictions give NaN. Correlations are NaN when either side is constant.
+    """
+    if metric not in GLUE_METRIC_FNS:
+        raise ValueError(f"unknown GLUE metric '{metric}'; valid: {', '.join(GLUE_METRIC_FNS)}")
+    p, t = _glue_arrays(pred, y)
+    if p.numel() == 0 or bool(torch.isnan(p).any()):
+        return _NAN
+    return GLUE_METRIC_FNS[metric](p, t)

@@ -7,6 +7,7 @@ A run directory holds ``config.json`` (how it was made), ``metrics.jsonl`` (one 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ import pandas as pd
 import torch
 
 from polytask.balance import build_balancer
+from polytask.boost import BOOSTERS, fit_boosted, load_boosted, save_boosted
 from polytask.data import DATASETS, DataBundle, InputSpec, TableEncoder, load_dataset, load_table, read_table
 from polytask.nn import MultiTaskModel, build_model
 from polytask.tasks import Task, TaskKind
 from polytask.train._checkpoint import CheckpointError, atomic_write_text, load_checkpoint
+from polytask.train._distributed import init_from_env
 from polytask.train._trainer import FitResult, TrainConfig, Trainer, evaluate_model, predict_model
 
 __all__ = ["LoadedRun", "evaluate", "fit", "load_data", "load_run", "predict"]
@@ -78,11 +81,15 @@ def fit(
     """Train ``model`` on ``data`` with ``balancer``; the Python twin of ``polytask fit``.
 
     ``data_seed`` fixes the train/val/test split (kept the same across training seeds so that runs
-    with different ``config.seed`` are comparable).
+    with different ``config.seed`` are comparable). Under torchrun it trains data-parallel
+    (``docs/distributed.md``); rank 0 writes the run directory.
     """
+    ctx = init_from_env()
     config = config or TrainConfig()
     data_options = dict(data_options or {})
     bundle = load_data(data, tasks, seed=data_seed, **data_options)
+    if model in BOOSTERS:  # tree ensembles are fitted by their estimator in one go, not by the trainer
+        return _fit_boosted_run(bundle, model, model_params or {}, balancer, config, output, resume)
     torch.manual_seed(config.seed)
     net = build_model(model, bundle.tasks, bundle.input_spec, **(model_params or {}))
     bal = build_balancer(balancer, bundle.tasks, **(balancer_params or {}))
@@ -101,7 +108,8 @@ def fit(
             saved = json.loads(cfg_path.read_text())
             if saved.get("model") != meta["model"] or saved.get("balancer") != meta["balancer"]:
                 raise ValueError(f"cannot resume {out}: model or balancer differ from the saved run")
-        atomic_write_text(cfg_path, json.dumps(cfg_doc, indent=1))
+        if ctx is None or ctx.is_main:
+            atomic_write_text(cfg_path, json.dumps(cfg_doc, indent=1))
     trainer = Trainer(net, bundle, bal, config, output, progress=progress, run_meta=meta)
     return trainer.fit(resume=resume)
 
@@ -120,6 +128,10 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if (run_dir / "checkpoints" / BOOSTED_FILE).exists():
+        booster, doc = load_boosted(run_dir / "checkpoints" / BOOSTED_FILE)
+        enc = TableEncoder.from_dict(doc["encoder"]) if doc.get("encoder") else None
+        return LoadedRun(booster, booster.tasks, booster.input_spec, enc, doc)
     path = run_dir / "checkpoints" / f"{which}.json"
     if not path.exists() and which == "best":
         path = run_dir / "checkpoints" / "last.json"
@@ -209,3 +221,48 @@ def predict(run_dir: str | Path, data: str | Path) -> pd.DataFrame:
         else:
             cols[t.name] = p
     return pd.DataFrame(cols)
+
+
+# ----------------------------------------------------------------------------- boosting runs
+BOOSTED_FILE = "booster.json"
+
+
+def _fit_boosted_run(
+    bundle: DataBundle,
+    model: str,
+    params: dict[str, Any],
+    balancer: str,
+    config: TrainConfig,
+    output: str | Path | None,
+    resume: bool,
+) -> FitResult:
+    """Fit a boosting model on the training split; same run directory and results.json as a network."""
+    if balancer != "equal":
+        raise ValueError(f"--balancer {balancer} does not apply to boosting model '{model}' (it has no task losses)")
+    if resume:
+        raise ValueError(f"boosting model '{model}' is fitted in one go; there is nothing to resume")
+    out = Path(output) if output is not None else None
+    if out is not None and (out / "checkpoints" / BOOSTED_FILE).exists():
+        raise FileExistsError(f"{out} already holds a run; choose another --output")
+    t0 = time.perf_counter()
+    booster = fit_boosted(model, bundle.tasks, bundle.input_spec, bundle.train, seed=config.seed, **params)
+    seconds = time.perf_counter() - t0
+    val = evaluate_model(booster, bundle.val, bundle.tasks)
+    test = evaluate_model(booster, bundle.test, bundle.tasks) if bundle.test is not None else None
+    source = bundle.meta.get("source", {"source": bundle.name, "builtin": False, "in_memory": True})
+    meta = {
+        "data_source": source,
+        "model": {"name": model, "params": dict(params)},
+        "balancer": {"name": "none", "params": {}},
+        "encoder": bundle.encoder.to_dict() if bundle.encoder is not None else None,
+        "seed": config.seed,
+    }
+    if out is not None:
+        save_boosted(out / "checkpoints" / BOOSTED_FILE, booster, meta)
+        doc = {"data": bundle.name, "tasks": [t.to_dict() for t in bundle.tasks], "fit_seconds": seconds}
+        cfg = {**meta, "tasks": doc["tasks"]}
+        cfg.pop("encoder")
+        atomic_write_text(out / "config.json", json.dumps(cfg, indent=1))
+        doc.update({"best_epoch": 0, "val": val, "test": test, **{k: v for k, v in meta.items() if k != "encoder"}})
+        atomic_write_text(out / "results.json", json.dumps(doc, indent=1))
+    return FitResult(0, val, test, [], seconds)

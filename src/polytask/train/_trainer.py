@@ -6,6 +6,11 @@ to continue bit-for-bit: weights, optimiser and scheduler state, balancer state,
 the early-stopping counters and the history. The best epoch on the validation split (never the
 test split) is kept as the ``best`` checkpoint; independent single-task models keep a best epoch
 per task.
+
+For balancers that form the task-gradient Gramian or Jacobian anyway, each epoch's line also holds
+the mean task-gradient cosine-similarity matrix (``grad_cosine``) and gradient norms (``grad_norm``),
+read from what the engine already computed. Under ``torchrun`` the trainer runs data-parallel
+(:mod:`polytask.train._distributed`): rank 0 alone evaluates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -20,15 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from polytask.balance import Balancer, GradientEngine, build_balancer
 from polytask.balance._capture import capture_linear
+from polytask.balance.fmtl import FMTL
 from polytask.data._bundle import DataBundle
 from polytask.data._tensors import Batch, TaskTensors
 from polytask.evaluate.metrics import compute_metrics, primary_score
 from polytask.nn._base import MultiTaskModel
 from polytask.tasks import Task
+from polytask.train import _distributed
 from polytask.train._checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 
 __all__ = ["FitResult", "NonFiniteLossError", "TrainConfig", "Trainer", "evaluate_model", "predict_model"]
@@ -171,6 +180,10 @@ class Trainer:
         progress: show a progress bar when stderr is a terminal.
         run_meta: extra JSON-serialisable facts saved with the checkpoint (data source, model
             name and parameters, ...), needed to rebuild the model for ``evaluate``/``predict``.
+
+    Under torchrun, or whenever a ``torch.distributed`` process group with several processes is
+    initialised, training is data-parallel: ``config.batch_size`` is the global batch, split across
+    the ranks (``docs/distributed.md``).
     """
 
     def __init__(
@@ -218,6 +231,29 @@ class Trainer:
         self.best_epoch: dict[str, int] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.bad_epochs = 0
+        self._reset_grad_stats()
+        # Under torchrun (WORLD_SIZE > 1) this joins the process group if nobody has yet.
+        self.dist = _distributed.init_from_env()
+        self.ddp: DistributedDataParallel | None = None
+        if self.dist is not None:
+            if self.balancer.level == "representation" or isinstance(self.balancer, FMTL):
+                raise ValueError(
+                    "this balancer reads per-sample representation gradients or perturbed losses, which "
+                    "data-parallel training does not combine across processes yet; use a loss- or "
+                    "gradient-level balancer (see polytask balancers), or train in one process"
+                )
+            # Unused parameters (e.g. gated-off experts) must not stall DDP's reduction.
+            self.ddp = DistributedDataParallel(model, find_unused_parameters=True)
+
+    @property
+    def is_main(self) -> bool:
+        """True in a one-process run and on rank 0 of a distributed one (the rank that writes)."""
+        return self.dist is None or self.dist.is_main
+
+    def _reset_grad_stats(self) -> None:
+        self._cos_sum: torch.Tensor | None = None
+        self._norm_sum: torch.Tensor | None = None
+        self._stat_steps = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -317,7 +353,7 @@ class Trainer:
         return True
 
     def _write_history_log(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
 
     # ------------------------------------------------------------------ loop
@@ -326,14 +362,22 @@ class Trainer:
 
         Returns the (detached) task losses and the weights the balancer applied.
         """
+        ddp_sync = self.ddp is not None and self.balancer.level == "loss"
         if self.balancer.level == "gradient":
-            # Record shared linear layers so the engine can build Gramians layer by layer.
+            # Record shared linear layers so the engine can build Gramians layer by layer. Under DDP
+            # the module is called directly: the engine averages the per-task gradients itself.
             with capture_linear(self.model, self._shared) as captures:
                 preds, reps = self.model.forward_with_representation(batch.x)
+        elif ddp_sync:
+            assert self.ddp is not None
+            captures, reps = None, []
+            preds = self.ddp(batch.x)  # DDP's forward arms its gradient all-reduce for the backward
         else:
             captures = None
             preds, reps = self.model.forward_with_representation(batch.x)
         losses = {t.name: t.loss(preds[t.name], batch.y[t.name], batch.mask[t.name]) for t in self.tasks}
+        if self.dist is not None:
+            losses = self._global_losses(losses, batch)
         stacked = torch.stack([v.detach() for v in losses.values()])
         if not bool(torch.isfinite(stacked).all()):
             bad = [t for t, v in zip(losses, stacked.tolist(), strict=True) if not math.isfinite(v)]
@@ -345,22 +389,67 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         aux = self.model.auxiliary_loss()
+        aux_extra = None
         if aux is not None and aux.requires_grad:
-            # First, keeping the graph: balancers then add the task gradients to these .grad values.
-            aux.backward(retain_graph=True)
             self.aux_loss_sum += float(aux.detach())
+            if ddp_sync:
+                # DDP reduces each parameter once per backward: join the one weighted backward.
+                aux_extra = aux
+            else:
+                # First, keeping the graph: balancers then add the task gradients to these .grad values.
+                aux.backward(retain_graph=True)
 
         def reforward() -> dict[str, torch.Tensor]:
             out = self.model(batch.x)
             return {t.name: t.loss(out[t.name], batch.y[t.name], batch.mask[t.name]) for t in self.tasks}
 
-        engine = GradientEngine(losses, self._shared, self._specific, reps, captures, reforward)
+        engine = GradientEngine(
+            losses, self._shared, self._specific, reps, captures, reforward, distributed=self.dist is not None
+        )
+        engine.extra_loss = aux_extra
         weights = self.balancer.backward(losses, engine)
+        if self.dist is not None and not ddp_sync:
+            # Task-specific gradients (and the auxiliary loss's) are still per rank. The shared ones are
+            # already equal on every rank (the engine averaged the task gradients) unless a balancer drew
+            # random numbers (e.g. GradDrop after uneven dropout): averaging them too keeps the replicas
+            # identical whatever happens, and leaves equal values unchanged.
+            params = self._specific + self._shared
+            _distributed.all_reduce_mean([p.grad for p in params if p.grad is not None], self.dist)
+        stats = engine.gradient_statistics()
+        if stats is not None:
+            cos, norms = stats
+            self._cos_sum = cos if self._cos_sum is None else self._cos_sum + cos
+            self._norm_sum = norms if self._norm_sum is None else self._norm_sum + norms
+            self._stat_steps += 1
         if self.config.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         return {t: v.detach() for t, v in losses.items()}, weights
+
+    def _global_losses(self, losses: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        """Losses whose values are the global batch's and whose gradients are this rank's share of it.
+
+        The global loss of task k is ``sum_r n_r L_r / N`` (``n_r`` labels present on rank r). Scaling
+        the local loss by ``world n_r / N`` makes the rank mean of the gradients (what DDP and the engine
+        compute) the global batch's gradient; adding the detached difference to the all-reduced value
+        makes every rank's balancer read the same global numbers.
+        """
+        assert self.dist is not None
+        k = len(losses)
+        counts = torch.stack([batch.mask[t].sum() for t in losses]).to(torch.float64)
+        values = torch.stack([v.detach() for v in losses.values()]).to(torch.float64)
+        buf = torch.cat([counts, counts * values])
+        dist.all_reduce(buf)
+        n, total = buf[:k], buf[k:]
+        present = n > 0
+        glob = torch.where(present, total / n.clamp_min(1.0), torch.zeros_like(n))
+        scale = torch.where(present, self.dist.world_size * counts / n.clamp_min(1.0), torch.zeros_like(n))
+        out = {}
+        for i, (t, v) in enumerate(losses.items()):
+            local = v * scale[i].to(v.dtype)
+            out[t] = local + (glob[i].to(v.dtype) - local.detach())
+        return out
 
     def _train_epoch(self, bar: _Progress) -> tuple[dict[str, float], dict[str, float]]:
         cfg = self.config
@@ -376,7 +465,7 @@ class Trainer:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if idx.numel() == 0:
                 break
-            losses, weights = self.step(data.take(idx), step)
+            losses, weights = self.step(data.take(_distributed.shard(idx, self.dist)), step)
             for t, v in losses.items():
                 loss_sum[t] += v.detach()
                 weight_sum[t] += float(weights.get(t, 0.0))
@@ -420,20 +509,25 @@ class Trainer:
                     f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --output"
                 )
         cfg = self.config
-        with _Progress(self.progress) as bar:
+        with _Progress(self.progress and self.is_main) as bar:
             while self.epoch < cfg.epochs:
                 if cfg.patience is not None and self.bad_epochs >= cfg.patience:
                     break
+                self._reset_grad_stats()
                 t0 = time.perf_counter()
                 train_loss, weights = self._train_epoch(bar)
                 seconds = time.perf_counter() - t0
                 self.epoch += 1
+                self.balancer.epoch_end(self.epoch, train_loss)
+                aux_mean, self.aux_loss_sum = self.aux_loss_sum / max(self.steps_per_epoch, 1), 0.0
+                if not self.is_main:
+                    # Rank 0 evaluates and writes; the others learn whether to stop and wait for it.
+                    self._sync_bad_epochs()
+                    continue
                 self.model.reset_diagnostics()
                 val = evaluate_model(self.model, self.data.val, self.tasks, cfg.eval_batch_size)
                 improved = self._select(val)
                 self.bad_epochs = 0 if improved else self.bad_epochs + 1
-                self.balancer.epoch_end(self.epoch, train_loss)
-                aux_mean, self.aux_loss_sum = self.aux_loss_sum / max(self.steps_per_epoch, 1), 0.0
                 record = {
                     "epoch": self.epoch,
                     "seconds": round(seconds, 4),
@@ -445,6 +539,7 @@ class Trainer:
                 }
                 if aux_mean:
                     record["aux_loss"] = aux_mean
+                record.update(self._grad_stats_record())
                 diag = self.model.diagnostics()
                 if diag:
                     record["diagnostics"] = diag
@@ -455,10 +550,36 @@ class Trainer:
                     if improved:
                         self._save_best()
                     self._save_last()
+                self._sync_bad_epochs()
         return self.finish()
 
+    def _sync_bad_epochs(self) -> None:
+        """Rank 0's early-stopping counter to every rank (after its checkpoint is written)."""
+        if self.dist is None:
+            return
+        t = torch.tensor([self.bad_epochs], dtype=torch.int64)
+        dist.broadcast(t, src=0)
+        self.bad_epochs = int(t)
+
+    def _grad_stats_record(self) -> dict[str, Any]:
+        """This epoch's mean task-gradient cosine matrix and norms (empty when none were formed)."""
+        if self._cos_sum is None or self._norm_sum is None or not self._stat_steps:
+            return {}
+        names = [t.name for t in self.tasks]
+        cos = (self._cos_sum / self._stat_steps).tolist()
+        norms = (self._norm_sum / self._stat_steps).tolist()
+        return {
+            "grad_cosine": {a: {b: round(cos[i][j], 6) for j, b in enumerate(names)} for i, a in enumerate(names)},
+            "grad_norm": {a: norms[i] for i, a in enumerate(names)},
+        }
+
     def finish(self) -> FitResult:
-        """Load the best weights, evaluate on val and test, write ``results.json``."""
+        """Load the best weights, evaluate on val and test, write ``results.json``.
+
+        In a distributed run only rank 0 evaluates; the other ranks return empty metrics."""
+        if not self.is_main:
+            _distributed.barrier(self.dist)
+            return FitResult(self.best_epoch.get("all", 0), {}, None, [], float("nan"))
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         cfg = self.config
@@ -486,4 +607,5 @@ class Trainer:
                 **self.run_meta,
             }
             atomic_write_text(self.run_dir / "results.json", json.dumps(doc, indent=1))
+        _distributed.barrier(self.dist)
         return result

