@@ -329,6 +329,8 @@ def test_data_driven_results_written_from_files(files, tmp_path: Path, monkeypat
         got.update(data=data, n=len(model_sds), keys=sorted(base_sd))
         if data == "front":
             return [((1.0, 0.0), dict(model_sds[0])), ((0.0, 1.0), dict(model_sds[1]))]
+        if data == "map-front":  # MAP's shape: {task: weight} preferences
+            return [({"a": 0.25, "b": 0.75}, dict(model_sds[0]))]
         return {
             **{k: v * scale if v.is_floating_point() else v for k, v in base_sd.items()},
             "extra.router": torch.ones(2),
@@ -349,6 +351,9 @@ def test_data_driven_results_written_from_files(files, tmp_path: Path, monkeypat
         assert torch.equal(
             load_file(front / "model-1" / "model.safetensors")["embeddings.weight"], models[1]["embeddings.weight"]
         )
+        front = merge_checkpoints("fake-dd", base_path, paths[:2], tmp_path / "map-front", data="map-front")
+        prefs = json.loads((front / "preferences.json").read_text())
+        assert prefs == [{"model": "model-0", "preference": {"a": 0.25, "b": 0.75}}]
         cfg = {
             "method": "fake-dd",
             "base": str(base_path),

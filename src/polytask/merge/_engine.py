@@ -334,7 +334,11 @@ def _write_result(
         prefs = []
         for i, (pref, sd) in enumerate(result):
             _write_state_dict(sd, tmp / f"model-{i}", plan, out_dtype, False, folder, meta)
-            prefs.append({"model": f"model-{i}", "preference": [float(p) for p in pref]})
+            # MAP's preferences are {task: weight}; other methods may give a plain vector.
+            shown = (
+                {str(k): float(v) for k, v in pref.items()} if isinstance(pref, Mapping) else [float(p) for p in pref]
+            )
+            prefs.append({"model": f"model-{i}", "preference": shown})
         (tmp / "preferences.json").write_text(json.dumps(prefs, indent=1) + "\n")
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
