@@ -8,6 +8,7 @@ architecture family) and reports the tasks side by side.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -17,13 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import fmt_cell, write_json
+from _common import ROOT, fmt_cell, write_json
 from polytask.data import DataBundle
 from polytask.evaluate import delta_m, delta_p, mean_rank
 from polytask.nn import build_model
 from polytask.train import TrainConfig, fit
 
-__all__ = ["PER_TASK", "Row", "Store", "count_parameters", "run_row_seed", "summarise", "table"]
+__all__ = [
+    "PER_TASK",
+    "Row",
+    "Store",
+    "add_grid_arguments",
+    "count_parameters",
+    "run_grid",
+    "run_row_seed",
+    "summarise",
+    "table",
+]
 
 PER_TASK = "single-per-task:"
 
@@ -158,3 +169,37 @@ def table(
             + " |"
         )
     return "\n".join(lines)
+
+
+def add_grid_arguments(ap: argparse.ArgumentParser, name: str) -> None:
+    """The options every grid script shares; ``name`` names its results JSON and doc."""
+    ap.add_argument("--rows", nargs="*", default=None, help="row keys (default: all)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true", help="ignore the runs stored in the results file")
+    ap.add_argument("--report-only", action="store_true", help="write the doc from the stored runs; train nothing")
+    ap.add_argument("--note", default="", help="a remark printed under the protocol (e.g. on machine load)")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / f"{name}.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / f"{name}.md")
+
+
+def run_grid(
+    store: Store,
+    todo: list[tuple[int, str, Row]],
+    bundles: dict[str, DataBundle],
+    base_train: dict[str, Any],
+    metric: str,
+    meta: dict[str, Any],
+    report_only: bool = False,
+) -> float:
+    """Train every (seed, data set, row) of ``todo`` not stored yet, storing each run as it finishes;
+    returns the training seconds of all stored runs."""
+    for seed, ds, row in todo:
+        if report_only or store.get(ds, row.key, seed) is not None:
+            continue
+        run = run_row_seed(bundles[ds], row, base_train, seed)
+        res = run.get("test")
+        shown = ", ".join(f"{t} {m[metric]:.4f}" for t, m in res.items()) if res else run["error"][:120]
+        print(f"{ds} | {row.key} | seed {seed}: {shown} ({run['seconds']:.0f} s)", flush=True)
+        store.put(ds, row.key, seed, run, meta)
+    return sum(r.get("seconds", 0.0) for rows in store.doc.values() for by in rows.values() for r in by.values())

@@ -19,11 +19,10 @@ Writes ``benchmarks/results/architectures_vision.json`` and ``docs/benchmarks/ar
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from _common import ROOT, command_line, machine, machine_line, now_utc, set_threads, write_text
-from _grid import PER_TASK, Row, Store, count_parameters, run_row_seed, summarise, table
+from _common import command_line, machine, machine_line, now_utc, set_threads, write_text
+from _grid import PER_TASK, Row, Store, add_grid_arguments, count_parameters, run_grid, summarise, table
 from polytask.data import load_dataset
 
 DATASETS = ("multi-mnist", "multi-fashion", "multi-fashion-mnist")
@@ -101,14 +100,7 @@ def markdown(doc: dict[str, Any], summaries: dict[str, Any], order: dict[str, li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    ap.add_argument("--rows", nargs="*", default=None, help="row keys (default: all)")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--report-only", action="store_true", help="write the doc from the stored runs; train nothing")
-    ap.add_argument("--note", default="")
-    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "architectures_vision.json")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "architectures_vision.md")
+    add_grid_arguments(ap, "architectures_vision")
     args = ap.parse_args()
     set_threads(args.threads)
     store = Store(args.results, fresh=args.fresh)
@@ -120,15 +112,7 @@ def main() -> None:
     # Seed by seed (equal weighting first within a seed), so a partial run is a usable table.
     todo = [(s, ds, r) for s in seeds for plus in (False, True) for ds in args.datasets for r in grid[ds]
             if (" + " in r.key) == plus]  # fmt: skip
-    for seed, ds, row in todo:
-        if args.report_only or store.get(ds, row.key, seed) is not None:
-            continue
-        run = run_row_seed(bundles[ds], row, TRAIN, seed)
-        acc = run.get("test")
-        shown = ", ".join(f"{t} {m['accuracy']:.4f}" for t, m in acc.items()) if acc else run["error"][:120]
-        print(f"{ds} | {row.key} | seed {seed}: {shown} ({run['seconds']:.0f} s)", flush=True)
-        store.put(ds, row.key, seed, run, meta)
-    runtime = sum(r.get("seconds", 0.0) for rows in store.doc.values() for by in rows.values() for r in by.values())
+    runtime = run_grid(store, todo, bundles, TRAIN, "accuracy", meta, args.report_only)
     doc = {"meta": {**meta, "runtime_s": runtime}, "tasks": {}, "parameters": {}}
     summaries, order = {}, {}
     for ds in DATASETS:

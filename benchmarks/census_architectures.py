@@ -14,11 +14,10 @@ Writes ``benchmarks/results/census_architectures.json`` and ``docs/benchmarks/ce
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from _common import ROOT, command_line, machine, machine_line, now_utc, set_threads, write_text
-from _grid import Row, Store, count_parameters, run_row_seed, summarise, table
+from _common import command_line, machine, machine_line, now_utc, set_threads, write_text
+from _grid import Row, Store, add_grid_arguments, count_parameters, run_grid, summarise, table
 from polytask.data import load_dataset
 
 GROUPS = {1: "census-group1", 2: "census-group2"}
@@ -72,14 +71,7 @@ def markdown(doc: dict[str, Any], summaries: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", nargs="+", type=int, default=[1, 2], choices=[1, 2])
-    ap.add_argument("--rows", nargs="*", default=None)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--report-only", action="store_true", help="write the doc from the stored runs; train nothing")
-    ap.add_argument("--note", default="")
-    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "census_architectures.json")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "census_architectures.md")
+    add_grid_arguments(ap, "census_architectures")
     args = ap.parse_args()
     set_threads(args.threads)
     store = Store(args.results, fresh=args.fresh)
@@ -89,17 +81,8 @@ def main() -> None:
     names = [GROUPS[g] for g in args.groups]
     bundles = {ds: load_dataset(ds, seed=0, **DATA_OPTIONS) for ds in names}
     rows = [r for r in ROWS if args.rows is None or r.key in args.rows]
-    for seed in seeds:
-        for ds in names:
-            for row in rows:
-                if args.report_only or store.get(ds, row.key, seed) is not None:
-                    continue
-                run = run_row_seed(bundles[ds], row, TRAIN, seed)
-                res = run.get("test")
-                shown = ", ".join(f"{t} {m['auc']:.4f}" for t, m in res.items()) if res else run["error"][:120]
-                print(f"{ds} | {row.key} | seed {seed}: {shown} ({run['seconds']:.0f} s)", flush=True)
-                store.put(ds, row.key, seed, run, meta)
-    runtime = sum(r.get("seconds", 0.0) for rs in store.doc.values() for by in rs.values() for r in by.values())
+    todo = [(seed, ds, row) for seed in seeds for ds in names for row in rows]
+    runtime = run_grid(store, todo, bundles, TRAIN, "auc", meta, args.report_only)
     doc: dict[str, Any] = {"meta": {**meta, "runtime_s": runtime}, "tasks": {}, "parameters": {}}
     summaries = {}
     for ds in GROUPS.values():
