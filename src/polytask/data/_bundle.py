@@ -29,6 +29,20 @@ class DataBundle:
     encoder: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def encoded(cls, name: str, encoder: Any, train: Any, val: Any, test: Any, meta: dict[str, Any]) -> DataBundle:
+        """The bundle of three table splits (data frames) encoded by a ``TableEncoder`` fitted on train."""
+        return cls(
+            name=name,
+            tasks=encoder.tasks,
+            input_spec=encoder.input_spec,
+            train=encoder.transform(train),
+            val=encoder.transform(val),
+            test=encoder.transform(test),
+            encoder=encoder,
+            meta=meta,
+        )
+
     def task(self, name: str) -> Task:
         for t in self.tasks:
             if t.name == name:

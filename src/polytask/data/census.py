@@ -199,16 +199,7 @@ def _load(
         },
         "education_positive": sorted(COLLEGE_OR_ABOVE),
     }
-    return DataBundle(
-        name=name,
-        tasks=enc.tasks,
-        input_spec=enc.input_spec,
-        train=enc.transform(train_df),
-        val=enc.transform(val_df),
-        test=enc.transform(test_df),
-        encoder=enc,
-        meta=meta,
-    )
+    return DataBundle.encoded(name, enc, train_df, val_df, test_df, meta)
 
 
 @register_dataset("census-income", "Census-Income (KDD): income, marital, education (binary); 60/20/20", _SOURCE)

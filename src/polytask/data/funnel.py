@@ -182,13 +182,4 @@ def funnel_synthetic(
             "test": len(te),
         },
     }
-    return DataBundle(
-        name="funnel-synthetic",
-        tasks=enc.tasks,
-        input_spec=enc.input_spec,
-        train=enc.transform(df.iloc[tr]),
-        val=enc.transform(df.iloc[va]),
-        test=enc.transform(df.iloc[te]),
-        encoder=enc,
-        meta=meta,
-    )
+    return DataBundle.encoded("funnel-synthetic", enc, df.iloc[tr], df.iloc[va], df.iloc[te], meta)

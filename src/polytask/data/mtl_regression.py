@@ -62,15 +62,13 @@ def _load(name: str, data_dir: str | os.PathLike[str] | None, seed: int, val_fra
         [(target, kind)], task_column="task", numeric=[c for c in df.columns if c not in (target, "task")]
     )
     enc.fit(train_df)
-    return DataBundle(
-        name=name,
-        tasks=enc.tasks,
-        input_spec=enc.input_spec,
-        train=enc.transform(train_df),
-        val=enc.transform(val_df),
-        test=enc.transform(test_df),
-        encoder=enc,
-        meta={
+    return DataBundle.encoded(
+        name,
+        enc,
+        train_df,
+        val_df,
+        test_df,
+        {
             "source": f"mtl-regression/{name}",
             "split": {
                 "how": "80/20 train/test per task (R-MTGB paper), val_fraction of each task's training rows for val",

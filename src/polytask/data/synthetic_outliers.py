@@ -91,15 +91,13 @@ def synthetic_outliers(
     df, is_outlier = make_outlier_tasks(n_tasks, n_outliers, n_samples, n_features, noise, seed=data_seed)
     tr, va, te = split_indices(len(df), val_fraction * 0.8, 0.2, seed, groups=df["task"].to_numpy())
     enc = TableEncoder([("y", "regression")], task_column="task").fit(df.iloc[tr])
-    return DataBundle(
-        name="synthetic-outliers",
-        tasks=enc.tasks,
-        input_spec=enc.input_spec,
-        train=enc.transform(df.iloc[tr]),
-        val=enc.transform(df.iloc[va]),
-        test=enc.transform(df.iloc[te]),
-        encoder=enc,
-        meta={
+    return DataBundle.encoded(
+        "synthetic-outliers",
+        enc,
+        df.iloc[tr],
+        df.iloc[va],
+        df.iloc[te],
+        {
             "is_outlier": {f"y@{r}": bool(o) for r, o in enumerate(is_outlier)},
             "split": {"train": len(tr), "val": len(va), "test": len(te), "seed": seed, "data_seed": data_seed},
         },
