@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -81,6 +82,30 @@ def test_file_output_equals_in_memory_bit_for_bit(files, tmp_path: Path, method:
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["polytask_merge_method"] == method
     _no_temp_left(tmp_path)
+
+
+def test_early_writeback_keeps_the_output_intact(files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer hands every written range to the disk as it goes (sync_file_range on Linux)."""
+    import polytask.merge._io as io
+
+    calls: list[tuple[int, int]] = []
+    real = io._SYNC_RANGE
+
+    def spy(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        calls.append((offset, nbytes))
+        return real(fd, offset, nbytes, flags) if real is not None else 0
+
+    monkeypatch.setattr(io, "_SYNC_RANGE", spy)
+    monkeypatch.setattr(io, "_SYNC_CHUNK", 1)  # after every tensor
+    base_path, paths, base, models = files
+    out = load_file(merge_checkpoints("ties", base_path, paths, tmp_path / "out.safetensors", density=0.3))
+    in_memory = merge_state_dicts("ties", base, models, density=0.3)
+    for k in base:
+        if k != "position_ids":
+            assert torch.equal(out[k], in_memory[k]), k
+    assert len(calls) == len(base)
+    # consecutive ranges from the first byte on, each starting where the previous one ended
+    assert calls[0][0] == 0 and all(a + n == b for (a, n), (b, _) in itertools.pairwise(calls))
 
 
 def test_output_dtype_and_existing_output(files, tmp_path: Path) -> None:

@@ -63,6 +63,18 @@ def test_ties_trim_elect_disjoint_mean() -> None:
     assert float(w[0]) == pytest.approx(1 - 2.0)
 
 
+def test_ties_negative_weight_keeps_the_general_disjoint_mean() -> None:
+    # with a negative weight the masses no longer have fixed signs: P = [1, -3, 1], N = [0, -1, 2],
+    # cP = [0, -1, 1], cN = [0, 1, -1]; total [1, -4, 3] elects P, N, P; entry 0 has no weight left (cP = 0)
+    base = {"w": torch.zeros(3)}
+    models = _models(base, {"w": [2.0, -1.0, 1.0]}, {"w": [1.0, 3.0, -2.0]})
+    out = merge_state_dicts("ties", base, models, density=1.0, topk="tensor", lam=1.0, weights=[1.0, -1.0])["w"]
+    torch.testing.assert_close(out, torch.tensor([0.0, -1.0, 1.0]))
+    # weights (1, 0.5) take the branch-free path: P = [2.5, 1.5, 1], N = [0, -1, -1] elect +, + and none
+    pos = merge_state_dicts("ties", base, models, density=1.0, topk="tensor", lam=1.0, weights=[1.0, 0.5])["w"]
+    torch.testing.assert_close(pos, torch.tensor([2.5 / 1.5, 1.5 / 0.5, 0.0]))
+
+
 def test_ties_whole_model_versus_per_tensor_top_k() -> None:
     base = {"a": torch.zeros(2), "b": torch.zeros(2)}
     models = _models(base, {"a": [10.0, 9.0], "b": [1.0, 2.0]})

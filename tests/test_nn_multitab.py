@@ -108,3 +108,26 @@ def test_split_attention_equals_masked_attention() -> None:
     ref = model(x)
     for t in fast:
         torch.testing.assert_close(fast[t], ref[t], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_fit_model_multitab_and_evaluate(tmp_path) -> None:
+    """`polytask fit --model multitab` on a task-column data set, with a gradient balancer; the run reloads."""
+    import json
+
+    from click.testing import CliRunner
+
+    from polytask.cli import cli
+
+    out = tmp_path / "run"
+    args = ["fit", "synthetic-outliers", "--data-param", "n_samples=40", "--data-param", "n_tasks=3", "--model",
+            "multitab", "--model-param", "dim=8", "--model-param", "ffn_dim=8", "--balancer", "mgda", "--epochs", "2",
+            "--batch-size", "32", "--output", str(out), "--quiet"]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["name"] == "multitab" and set(results["test"]) == {"y@0", "y@1", "y@2"}
+    again = CliRunner().invoke(cli, ["evaluate", str(out)])
+    assert again.exit_code == 0, again.output
+    bad = CliRunner().invoke(cli, [*args[:8], "--model-param", "heads=3", "--output", str(tmp_path / "b"), "--quiet"])
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines()[-1].startswith("error: model 'multitab' has no parameter ['heads']; valid: ")

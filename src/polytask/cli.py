@@ -64,11 +64,13 @@ class _Group(click.Group):
     """Turns the package's known errors into one line and exit status 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from polytask.boost import MissingLightGBM
         from polytask.train import CheckpointError, NonFiniteLossError
 
+        known = (ValueError, KeyError, FileNotFoundError, FileExistsError, CheckpointError, NonFiniteLossError)
         try:
             return super().invoke(ctx)
-        except (ValueError, KeyError, FileNotFoundError, FileExistsError, CheckpointError, NonFiniteLossError) as e:
+        except (*known, MissingLightGBM) as e:
             msg = e.args[0] if e.args else str(e)
             click.echo(f"error: {msg}", err=True)
             sys.exit(EXIT_USAGE)
@@ -449,7 +451,8 @@ def bench_cmd(
     """Run the grid of SUITE (a YAML file or a shipped suite name) into BENCH_DIR, then print its leaderboard.
 
     Results go to BENCH_DIR/bench.sqlite as runs finish; rerunning the same command skips finished
-    runs and resumes half-finished ones. Shipped suites: multimnist, census-group1.
+    runs and resumes half-finished ones. Shipped suites: multimnist, census-group1, merge-multimnist,
+    merge-glue-minilm (a ``kind: merge`` suite merges a pool of fine-tuned models; see `polytask pools`).
     """
     from polytask.bench import leaderboard, load_suite, run_bench
     from polytask.train._checkpoint import atomic_write_text
@@ -552,6 +555,17 @@ def boosters() -> None:
     for name, e in sorted(BOOSTERS.items()):
         params = ", ".join(f"{k}={v}" for k, v in e.defaults.items())
         click.echo(f"{name:<15} {e.description}\n{'':<15} paper: {e.paper}\n{'':<15} params: {params}")
+
+
+# --- polytask pools (merge suites) ---
+@cli.command()
+def pools() -> None:
+    """List the merging-pool builders of merge suites (``pool: {name: NAME, params: {...}}``)."""
+    from polytask.bench import POOLS
+
+    for name, e in sorted(POOLS.items()):
+        params = ", ".join(f"{k}={v}" for k, v in e.defaults.items())
+        click.echo(f"{name:<17} {e.description}\n{'':<17} paper: {e.paper}\n{'':<17} params: {params}")
 
 
 def main() -> None:

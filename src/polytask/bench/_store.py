@@ -3,7 +3,8 @@
 WAL mode, every write in its own transaction, and only the runner's main process writes, so a
 killed bench leaves every finished row intact and the file never half-written. ``meta`` keeps the
 suite's protocol (training settings, data set definitions, metric selection) to refuse a rerun
-whose suite changed incompatibly.
+whose suite changed incompatibly. For merge runs ``fit_seconds`` is the run's work (merge and
+evaluation) and ``merge_seconds`` the merge alone.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ CREATE TABLE IF NOT EXISTS runs (
     seconds_per_epoch REAL,
     peak_memory_mb REAL,
     fit_seconds REAL,
+    merge_seconds REAL,
     runner_seconds REAL,
     best_epoch TEXT,
     epochs_run INTEGER,
@@ -89,6 +91,9 @@ class BenchStore:
             self.conn.execute("PRAGMA synchronous=NORMAL")
             if create:
                 self.conn.executescript(_SCHEMA)  # one transaction; every statement is idempotent
+                columns = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+                if "merge_seconds" not in columns:  # a bench file from before merge suites
+                    self.conn.execute("ALTER TABLE runs ADD COLUMN merge_seconds REAL")
             else:
                 self.conn.execute("SELECT 1 FROM runs LIMIT 1")
         except sqlite3.DatabaseError as e:
@@ -189,8 +194,8 @@ class BenchStore:
         with self.transaction() as c:
             c.execute(
                 "UPDATE runs SET status=?, tasks=?, val=?, test=?, seconds_per_epoch=?, peak_memory_mb=?,"
-                " fit_seconds=?, runner_seconds=?, best_epoch=?, epochs_run=?, resumed=?, error=?, finished_at=?"
-                " WHERE run_id=?",
+                " fit_seconds=?, merge_seconds=?, runner_seconds=?, best_epoch=?, epochs_run=?, resumed=?, error=?,"
+                " finished_at=? WHERE run_id=?",
                 (
                     result["status"],
                     js("tasks"),
@@ -199,6 +204,7 @@ class BenchStore:
                     _finite(result.get("seconds_per_epoch")),
                     _finite(result.get("peak_memory_mb")),
                     _finite(result.get("fit_seconds")),
+                    _finite(result.get("merge_seconds")),
                     runner_seconds,
                     js("best_epoch"),
                     result.get("epochs_run"),
@@ -218,10 +224,10 @@ class BenchStore:
     def _refresh_gains(self, c: sqlite3.Connection, dataset: str, seed: int, metrics: Any) -> None:
         from polytask.bench.leaderboard import gain_pair
 
-        rows = [
-            self._decode(r)
-            for r in c.execute("SELECT * FROM runs WHERE dataset=? AND seed=? AND status='done'", (dataset, seed))
-        ]
+        rows = [self._decode(r) for r in c.execute("SELECT * FROM runs WHERE dataset=? AND status='done'", (dataset,))]
+        # A merge pool's reference (its individual fine-tunes) does not depend on the merge seed.
+        merge = any(r["config"].get("kind") == "merge" for r in rows)
+        rows = [r for r in rows if merge or r["seed"] == seed]
         base = next((r for r in rows if r["baseline"]), None)
         for r in rows:
             dm, dp = gain_pair(r["test"], base["test"], r["tasks"], metrics) if base else (None, None)

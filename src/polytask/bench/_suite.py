@@ -3,6 +3,7 @@
 A suite file::
 
     name: multimnist                 # default: the file's stem
+    kind: train                      # default; ``kind: merge`` is a merge suite (polytask.bench._merge_suite)
     datasets:                        # built-in names or table files (relative to the suite file)
       - name: multi-mnist
         params: {n_train: 5000}      # the loader's options (``load_table`` options for files)
@@ -335,7 +336,16 @@ def parse_suite(text: str, source: str = "<suite>", base_dir: Path | None = None
         raise SuiteError(f"{source}{where}: not valid YAML: {problem}") from None
     if not isinstance(doc, dict):
         raise SuiteError(f"{source} line 1: a suite is a mapping with 'datasets' and 'models'")
+    kind = doc.get("kind", "train")
+    if kind == "merge":
+        from polytask.bench._merge_suite import parse_merge_suite
+
+        return parse_merge_suite(doc, ctx, base_dir, source)
+    if kind != "train":
+        raise ctx.fail(_line(doc, "kind"), "kind", f"unknown suite kind {kind!r}; valid: train, merge")
     for key in doc:
+        if key == "kind":
+            continue
         if key not in _TOP_KEYS:
             raise ctx.fail(_line(doc, key), str(key), f"unknown key; valid: {', '.join(_TOP_KEYS)}")
     datasets, paths = _parse_datasets(ctx, doc, base_dir)

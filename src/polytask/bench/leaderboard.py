@@ -5,6 +5,11 @@ against the single-task rows of the same grid on the same seeds (means over the 
 mean rank over the (task, metric) pairs among the rows of the data set (1 is best), the median
 seconds per training epoch and the median peak memory of the runs. Metrics are those the suite
 selected (``metrics:``), else each task's primary metric.
+
+For a merge suite (``kind: merge``) the rows of a pool are its individual fine-tuned models (the
+reference), the pretrained model and every merge method (with its parameters); beside the per-task
+metrics they show the normalised score (merged / individual, in %), Δm% and Δp against the
+individual models, the mean rank and the median seconds of the merge itself.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any, TextIO
 from polytask.evaluate import delta_m, delta_p, format_mean_std, mean_rank, mean_std
 from polytask.tasks import Task
 
-__all__ = ["Leaderboard", "LeaderboardRow", "gain_pair", "leaderboard", "selected_metrics"]
+__all__ = ["Leaderboard", "LeaderboardRow", "gain_pair", "leaderboard", "normalised_score", "selected_metrics"]
 
 _NAN = float("nan")
 
@@ -65,6 +70,8 @@ class LeaderboardRow:
     mean_rank: float = _NAN
     seconds_per_epoch: float = _NAN
     peak_memory_mb: float = _NAN
+    normalised: float = _NAN  # merge suites: mean over the selected metrics of merged / individual, in %
+    merge_seconds: float = _NAN
 
     @property
     def label(self) -> str:
@@ -78,9 +85,27 @@ class Leaderboard:
     columns: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     failed: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "train"  # or "merge"
 
     # ------------------------------------------------------------------ rendering
+    def _merge_table(self, dataset: str) -> tuple[list[str], list[list[str]]]:
+        cols = self.columns[dataset]
+        header = ["method", "seeds", *(f"{t} {m}" for t, m in cols)]
+        header += ["normalised %", "Δm% ↓", "Δp ↑", "mean rank", "merge s", "peak MiB"]
+        body = []
+        for r in self.datasets[dataset]:
+            cells = [r.model, ",".join(map(str, r.seeds))]
+            for t, m in cols:
+                v, s = r.mean.get(t, {}).get(m, _NAN), r.std.get(t, {}).get(m, _NAN)
+                cells.append("—" if math.isnan(v) else format_mean_std(v, s) if len(r.seeds) > 1 else f"{v:.4f}")
+            cells += [_num(r.normalised, ".1f"), _num(r.delta_m, "+.2f"), _num(r.delta_p, "+.2f")]
+            cells += [_num(r.mean_rank, ".2f"), _num(r.merge_seconds, ".2f"), _num(r.peak_memory_mb, ".0f")]
+            body.append(cells)
+        return header, body
+
     def _table(self, dataset: str) -> tuple[list[str], list[list[str]]]:
+        if self.kind == "merge":
+            return self._merge_table(dataset)
         cols = self.columns[dataset]
         header = ["model", "balancer", "seeds", *(f"{t} {m}" for t, m in cols)]
         header += ["Δm% ↓", "Δp ↑", "mean rank", "s / epoch", "peak MiB"]
@@ -108,8 +133,11 @@ class Leaderboard:
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
             lines.append("")
         for f in self.failed:
-            lines.append(f"- failed: {f['dataset']} {f['model']} / {f['balancer']} seed {f['seed']}: {f['error']}")
+            lines.append(f"- failed: {self._what(f)} seed {f['seed']}: {f['error']}")
         return "\n".join(lines).rstrip() + "\n"
+
+    def _what(self, run: Mapping[str, Any]) -> str:
+        return f"{run['dataset']} {run['model']}" + ("" if self.kind == "merge" else f" / {run['balancer']}")
 
     def print(self, file: TextIO | None = None) -> None:
         """A rich table per data set on a terminal; markdown otherwise."""
@@ -133,7 +161,7 @@ class Leaderboard:
             console.print(table)
         console.print(Text(f"runs: {self._summary() or 'none'}"))
         for f in self.failed:
-            console.print(Text(f"failed: {f['dataset']} {f['model']} / {f['balancer']} seed {f['seed']}: {f['error']}"))
+            console.print(Text(f"failed: {self._what(f)} seed {f['seed']}: {f['error']}"))
 
 
 def _num(v: float, fmt: str) -> str:
@@ -153,7 +181,8 @@ def leaderboard(bench_dir: str | Path) -> Leaderboard:
         meta = store.meta()
         rows = store.rows()
     metrics = meta.get("protocol", {}).get("metrics")
-    board = Leaderboard(str(meta.get("suite", Path(bench_dir).name)))
+    kind = (meta.get("protocol", {}).get("train") or {}).get("kind", "train")
+    board = Leaderboard(str(meta.get("suite", Path(bench_dir).name)), kind=kind)
     for r in rows:
         board.counts[r["status"]] = board.counts.get(r["status"], 0) + 1
     board.failed = [r for r in rows if r["status"] == "failed"]
@@ -167,6 +196,9 @@ def leaderboard(bench_dir: str | Path) -> Leaderboard:
         for r in ds_rows:
             groups.setdefault((r["model"], r["balancer"]), []).append(r)
         base_runs = next((g for g in groups.values() if g[0]["baseline"]), None)
+        if kind == "merge":
+            board.datasets[ds] = _merge_entries(ds, groups, base_runs, sel)
+            continue
         entries = []
         for (model, balancer), runs in groups.items():
             runs = sorted(runs, key=lambda r: r["seed"])
@@ -199,3 +231,67 @@ def leaderboard(bench_dir: str | Path) -> Leaderboard:
         entries.sort(key=lambda e: (not e.baseline, math.inf if math.isnan(e.delta_m) else e.delta_m, e.label))
         board.datasets[ds] = entries
     return board
+
+
+def normalised_score(
+    test: Mapping[str, Mapping[str, float]],
+    ref: Mapping[str, Mapping[str, float]],
+    metrics: Mapping[str, Sequence[str]],
+) -> float:
+    """Mean over the selected (task, metric) pairs of ``test / ref`` in % (``ref / test`` for lower-is-better
+    metrics), so 100 means "as good as the individual models". A merged value may be negative (r2: a
+    negative ratio); NaN when a reference value is not positive, or a lower-is-better value is not."""
+    from polytask.tasks import METRIC_HIGHER_IS_BETTER
+
+    ratios = []
+    for t, ms in metrics.items():
+        for m in ms:
+            v, b = float(test[t][m]), float(ref[t][m])
+            higher = METRIC_HIGHER_IS_BETTER[m]
+            if b <= 0 or (not higher and v <= 0) or not (math.isfinite(v) and math.isfinite(b)):
+                return _NAN
+            ratios.append(v / b if higher else b / v)
+    return 100.0 * statistics.fmean(ratios) if ratios else _NAN
+
+
+def _merge_entries(
+    ds: str,
+    groups: Mapping[tuple[str, str], list[dict[str, Any]]],
+    base_runs: list[dict[str, Any]] | None,
+    sel: Mapping[str, Sequence[str]],
+) -> list[LeaderboardRow]:
+    """A merge pool's rows: individual fine-tunes (the reference), the pretrained model, each merge method.
+
+    The reference does not depend on the merge seed, so every row is compared with it, averaged
+    over the row's own seeds."""
+    ref = _mean_over(base_runs, {r["seed"] for r in base_runs}) if base_runs else None
+    entries = []
+    for (label, role), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        mean: dict[str, dict[str, float]] = {}
+        std: dict[str, dict[str, float]] = {}
+        for t in runs[0]["test"]:
+            for m in runs[0]["test"][t]:
+                mu, sd = mean_std([r["test"][t][m] for r in runs])
+                mean.setdefault(t, {})[m], std.setdefault(t, {})[m] = mu, sd
+        row = LeaderboardRow(ds, label, role, [r["seed"] for r in runs], bool(runs[0]["baseline"]), mean, std)
+        if ref is not None:
+            try:
+                row.delta_m, row.delta_p = delta_m(mean, ref, metrics=sel), delta_p(mean, ref, metrics=sel)
+                row.normalised = normalised_score(mean, ref, sel)
+            except (ValueError, KeyError):
+                pass
+        mem = [r["peak_memory_mb"] for r in runs if r["peak_memory_mb"] is not None]
+        sec = [r["merge_seconds"] for r in runs if r.get("merge_seconds") is not None]
+        row.peak_memory_mb = statistics.median(mem) if mem else _NAN
+        row.merge_seconds = statistics.median(sec) if sec else _NAN
+        entries.append(row)
+    try:
+        ranks = mean_rank({e.label: e.mean for e in entries}, metrics=sel)
+        for e in entries:
+            e.mean_rank = ranks[e.label]
+    except ValueError:
+        pass
+    order = {"individual": 0, "pretrained": 1}
+    entries.sort(key=lambda e: (order.get(e.balancer, 2), math.inf if math.isnan(e.delta_m) else e.delta_m, e.model))
+    return entries

@@ -1,7 +1,9 @@
 """Run a suite: every run of the grid once, stored in ``BENCH_DIR/bench.sqlite`` as it finishes.
 
 Each run is a normal run directory ``BENCH_DIR/runs/<hash16>-s<seed>/`` (config, metrics log,
-checkpoints, results), trained by :func:`polytask.train.fit` on the same splits for every seed.
+checkpoints, results), trained by :func:`polytask.train.fit` on the same splits for every seed; a
+merge suite's run merges its pool's models instead (:mod:`polytask.bench._merge_run`; the pools are
+built or read from the cache in the main process first).
 A rerun skips finished runs and continues half-finished ones from their ``last`` checkpoint (the
 trainer's resume), so a killed bench loses at most the epochs since the last checkpoint.
 
@@ -122,6 +124,10 @@ def _init_worker(threads: int) -> None:
 
 def execute_run(job: dict[str, Any]) -> dict[str, Any]:
     """Train one run (in a worker); returns its results or its error, never raises for a failed run."""
+    if job["config"].get("kind") == "merge":
+        from polytask.bench._merge_run import execute_merge_run
+
+        return execute_merge_run(job)
     from polytask.train import TrainConfig, fit
 
     t0 = time.perf_counter()
@@ -179,6 +185,7 @@ def _job(spec: RunSpec, bench_dir: Path) -> dict[str, Any]:
         "seed": spec.seed,
         "data_path": spec.data_path,
         "run_dir": str(bench_dir / "runs" / spec.run_id),
+        "dataset": spec.dataset,
     }
 
 
@@ -213,6 +220,10 @@ def run_bench(
         if echo is not None and summary.skipped:
             echo(f"{summary.skipped} of {summary.total} run(s) already in {bench_dir / 'bench.sqlite'}: skipped")
         metrics = suite.metrics
+        if todo and suite.train.get("kind") == "merge":
+            from polytask.bench._merge_run import prepare_pools
+
+            prepare_pools({s.dataset: s.config["pool"] for s in todo}, echo, keep=workers == 0)
 
         def finished(spec: RunSpec, result: dict[str, Any], t_dispatch: float) -> None:
             store.store_result(spec.run_id, result, 0.0, metrics)
@@ -225,6 +236,8 @@ def run_bench(
             if echo is not None:
                 done = summary.skipped + summary.executed
                 what = f"{spec.dataset} {spec.model} / {spec.balancer} seed {spec.seed}"
+                if spec.config.get("kind") == "merge":  # the method is the row; no balancer
+                    what = f"{spec.dataset} {spec.model} seed {spec.seed}"
                 if result["status"] == "done":
                     tail = f"{result['fit_seconds']:.1f} s" + (" (resumed)" if result.get("resumed") else "")
                 else:

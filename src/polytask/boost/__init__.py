@@ -3,6 +3,8 @@
 * :class:`MultiTaskGradientBoostingRegressor` / :class:`MultiTaskGradientBoostingClassifier`: R-MTGB
   (Emami et al., ESWA 2025); ``n_outlier_estimators=0`` gives plain MT-GB;
 * per-task and pooled ``HistGradientBoosting`` baselines with the same ``fit(X, y, task=...)``;
+* ``tree_backend='lightgbm'`` on all of them: LightGBM's trees instead of scikit-learn's (optional:
+  ``pip install polytask[boost]``; :class:`MissingLightGBM` when it is not installed);
 * :data:`BOOSTERS` (``rmtgb``, ``mtgb``, ``gbdt-per-task``, ``gbdt-pooled``) and
   :class:`BoostedModel`, which puts a fitted estimator behind the model contract so that
   ``polytask fit --model rmtgb`` and ``evaluate``/``predict`` work like for the networks.
@@ -21,6 +23,7 @@ from polytask.boost._harness import (
     save_boosted,
     stack_tasks,
 )
+from polytask.boost._lightgbm import TREE_BACKENDS, MissingLightGBM
 from polytask.boost._trees import ArrayTree, HGBRaw
 from polytask.boost.baselines import (
     PerTaskGradientBoostingClassifier,
@@ -34,7 +37,9 @@ __all__ = [
     "BOOSTERS",
     "ArrayTree",
     "BoostedModel",
+    "TREE_BACKENDS",
     "HGBRaw",
+    "MissingLightGBM",
     "MultiTaskGradientBoostingClassifier",
     "MultiTaskGradientBoostingRegressor",
     "PerTaskGradientBoostingClassifier",

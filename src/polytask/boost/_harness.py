@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from polytask._registry import Registry
+from polytask.boost._base import MIN_TASK_ROWS
 from polytask.boost.baselines import (
     PerTaskGradientBoostingClassifier,
     PerTaskGradientBoostingRegressor,
@@ -57,6 +59,7 @@ _RMTGB_DEFAULTS = dict(
     early_stopping=False,
     validation_fraction=0.1,
     n_iter_no_change=10,
+    tree_backend="sklearn",
 )
 _HGB_DEFAULTS = dict(
     max_iter=100,
@@ -67,6 +70,7 @@ _HGB_DEFAULTS = dict(
     l2_regularization=0.0,
     early_stopping=False,
     validation_fraction=0.1,
+    tree_backend="sklearn",
 )
 BOOSTERS.register(
     "rmtgb",
@@ -83,12 +87,12 @@ BOOSTERS.register(
     "shared trees, then per-task trees on the residuals",
     **_RMTGB_DEFAULTS,
 )((MultiTaskGradientBoostingRegressor, MultiTaskGradientBoostingClassifier))
-BOOSTERS.register("gbdt-per-task", _HGB, "one HistGradientBoosting model per task", **_HGB_DEFAULTS)(
+BOOSTERS.register("gbdt-per-task", _HGB, "one HistGradientBoosting (or LightGBM) model per task", **_HGB_DEFAULTS)(
     (PerTaskGradientBoostingRegressor, PerTaskGradientBoostingClassifier)
 )
-BOOSTERS.register("gbdt-pooled", _HGB, "one HistGradientBoosting model, task id as a feature", **_HGB_DEFAULTS)(
-    (PooledGradientBoostingRegressor, PooledGradientBoostingClassifier)
-)
+BOOSTERS.register(
+    "gbdt-pooled", _HGB, "one HistGradientBoosting (or LightGBM) model, task id as a feature", **_HGB_DEFAULTS
+)((PooledGradientBoostingRegressor, PooledGradientBoostingClassifier))
 
 
 def _kind_of(tasks: list[Task]) -> str:
@@ -156,6 +160,7 @@ class BoostedModel(MultiTaskModel):
         self.estimator = estimator
         self.booster_name = name
         self.booster_params = dict(params)
+        self.n_unlabelled_rows = 0  # training rows left out for want of any label
 
     def forward_with_representation(
         self, x: dict[str, torch.Tensor]
@@ -182,14 +187,40 @@ class BoostedModel(MultiTaskModel):
 def fit_boosted(
     name: str, tasks: list[Task], input_spec: InputSpec, data: TaskTensors, seed: int = 0, **params: Any
 ) -> BoostedModel:
-    """Fit the boosting model ``name`` on the labelled rows of ``data``."""
+    """Fit the boosting model ``name`` on the labelled rows of ``data``.
+
+    Rows without any label (NaN or missing targets) are left out, counted in a warning and in the
+    model's ``n_unlabelled_rows`` (saved with it).
+    """
     est = build_booster(name, tasks, seed, **params)
+    labelled = torch.zeros(len(next(iter(data.mask.values()))), dtype=torch.bool)
+    for task in tasks:
+        m = data.mask[task.name].bool()
+        labelled |= m if m.ndim == 1 else m.any(dim=1)
+    n_unlabelled = int((~labelled).sum())
+    if n_unlabelled:
+        warnings.warn(
+            f"{n_unlabelled} of {len(labelled)} training row(s) have no label (NaN or missing target) and are left "
+            f"out of the {name} fit",
+            stacklevel=2,
+        )
     X, y, t = stack_tasks(data, tasks)
     if len(np.unique(t)) < len(tasks):
         absent = [tasks[k].name for k in range(len(tasks)) if k not in set(t.tolist())]
         raise ValueError(f"task(s) {absent[:5]} have no labelled training rows; a boosting model cannot fit them")
+    # The estimator sees task indices; name the task here so the message says which one.
+    counts = np.bincount(t, minlength=len(tasks))
+    small = [k for k in range(len(tasks)) if counts[k] < MIN_TASK_ROWS]
+    if small:
+        more = f" (and {len(small) - 1} more task(s))" if len(small) > 1 else ""
+        raise ValueError(
+            f"task '{tasks[small[0]].name}' has {counts[small[0]]} labelled training row(s){more}; a boosting model "
+            f"needs at least {MIN_TASK_ROWS} per task: drop or merge the smallest tasks, or give them more rows"
+        )
     est.fit(X, y, task=t)
-    return BoostedModel(tasks, input_spec, est, name, params)
+    model = BoostedModel(tasks, input_spec, est, name, params)
+    model.n_unlabelled_rows = n_unlabelled
+    return model
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -211,6 +242,7 @@ def save_boosted(path: str | os.PathLike[str], model: BoostedModel, meta: dict[s
     doc = {
         "format": BOOSTER_FORMAT,
         "booster": {"name": model.booster_name, "params": model.booster_params},
+        "n_unlabelled_rows": model.n_unlabelled_rows,
         "estimator": model.estimator.to_dict(),
         "tasks": [t.to_dict() for t in model.tasks],
         "input_spec": model.input_spec.to_dict(),
@@ -242,4 +274,6 @@ def load_boosted(path: str | os.PathLike[str]) -> tuple[BoostedModel, dict[str, 
     tasks = [Task.from_dict(t) for t in doc["tasks"]]
     spec = InputSpec.from_dict(doc["input_spec"])
     b = doc["booster"]
-    return BoostedModel(tasks, spec, est, b["name"], b["params"]), doc
+    model = BoostedModel(tasks, spec, est, b["name"], b["params"])
+    model.n_unlabelled_rows = int(doc.get("n_unlabelled_rows", 0))
+    return model, doc

@@ -73,6 +73,10 @@ class ArrayTree:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Leaf values ``(n_rows, n_outputs)`` of the rows of ``X``."""
+        return self.value[self.apply(X)]
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        """The leaf (node index) each row of ``X`` lands in."""
         X = np.asarray(X)
         X = X.astype(np.float32).astype(np.float64) if self.float32_inputs else X.astype(np.float64, copy=False)
         node = np.zeros(len(X), dtype=np.intp)
@@ -92,7 +96,7 @@ class ArrayTree:
                 words = self.bitsets[self.bitset_idx[cur[cat]], v // 32]
                 go_left[cat] = ((words >> (v % 32).astype(np.uint32)) & 1).astype(bool)
             node[rows] = np.where(go_left, self.left[cur], self.right[cur])
-        return self.value[node]
+        return node
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {

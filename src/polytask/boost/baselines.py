@@ -6,8 +6,10 @@
   as a categorical feature (full sharing; the trees may still split on the task).
 
 Both are scikit-learn's histogram gradient boosting (Ke et al., "LightGBM: A Highly Efficient
-Gradient Boosting Decision Tree", NeurIPS 2017, is the algorithm it follows); fitted models are kept
-as :class:`~polytask.boost._trees.HGBRaw` arrays so they save to JSON and reload exactly.
+Gradient Boosting Decision Tree", NeurIPS 2017, is the algorithm it follows), or LightGBM itself with
+``tree_backend='lightgbm'`` (the same parameter names, mapped to LightGBM's; optional dependency);
+fitted models are kept as :class:`~polytask.boost._trees.HGBRaw` arrays so they save to JSON and
+reload exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
 from polytask.boost._base import TaskIndexedMixin
+from polytask.boost._lightgbm import check_tree_backend, fit_lightgbm_booster, import_lightgbm
 from polytask.boost._trees import HGBRaw
 
 __all__ = [
@@ -45,6 +48,7 @@ class _HGBBase(TaskIndexedMixin):
         l2_regularization: float = 0.0,
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
+        tree_backend: str = "sklearn",
         random_state: int | None = None,
     ) -> None:
         self.max_iter = max_iter
@@ -55,16 +59,40 @@ class _HGBBase(TaskIndexedMixin):
         self.l2_regularization = l2_regularization
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
+        self.tree_backend = tree_backend
         self.random_state = random_state
 
     _classifier = False
 
-    def _hgb(self, n_rows: int, **extra: Any) -> Any:
-        cls = HistGradientBoostingClassifier if self._classifier else HistGradientBoostingRegressor
+    def _check_backend(self) -> None:
+        check_tree_backend(self.tree_backend)
+        if self.tree_backend == "lightgbm":
+            import_lightgbm()
+
+    def _fit_raw(self, X: np.ndarray, y: np.ndarray, categorical: list[int] | None = None) -> HGBRaw:
+        """One boosted model on ``(X, y)`` (y as class codes for classifiers) as raw-score trees."""
+        n_rows = len(X)
         # A task with fewer rows than min_samples_leaf could not split at all.
         leaf = max(1, min(int(self.min_samples_leaf), n_rows // 2))
         early = bool(self.early_stopping) and n_rows >= 20
-        return cls(
+        if self.tree_backend == "lightgbm":
+            return fit_lightgbm_booster(
+                X,
+                y,
+                n_classes=len(self.classes_) if self._classifier else 0,
+                max_iter=self.max_iter,
+                learning_rate=self.learning_rate,
+                max_leaf_nodes=self.max_leaf_nodes,
+                max_depth=self.max_depth,
+                min_samples_leaf=leaf,
+                l2_regularization=self.l2_regularization,
+                early_stopping=early,
+                validation_fraction=self.validation_fraction,
+                seed=self.random_state,
+                categorical=categorical,
+            )
+        cls = HistGradientBoostingClassifier if self._classifier else HistGradientBoostingRegressor
+        model = cls(
             max_iter=self.max_iter,
             learning_rate=self.learning_rate,
             max_leaf_nodes=self.max_leaf_nodes,
@@ -74,8 +102,9 @@ class _HGBBase(TaskIndexedMixin):
             early_stopping=early,
             validation_fraction=self.validation_fraction if early else None,
             random_state=self.random_state,
-            **extra,
+            categorical_features=categorical,
         )
+        return HGBRaw.from_model(model.fit(X, y))
 
     def _encode(self, y: np.ndarray) -> np.ndarray:
         if not self._classifier:
@@ -125,6 +154,7 @@ class _HGBBase(TaskIndexedMixin):
 
 class _PerTask(_HGBBase):
     def fit(self, X: Any, y: Any, task: Any = None) -> Any:
+        self._check_backend()
         X, y, codes = self._validate_fit(X, y, task, y_numeric=not self._classifier)
         yc = self._encode(y)
         self.models_: list[HGBRaw | float | np.ndarray] = []
@@ -137,8 +167,7 @@ class _PerTask(_HGBBase):
                 const = np.log(p[1] / p[0])[None] if len(self.classes_) == 2 else np.log(p)
                 self.models_.append(np.asarray(const, dtype=np.float64))
                 continue
-            model = self._hgb(int(rows.sum())).fit(X[rows], yc[rows])
-            self.models_.append(HGBRaw.from_model(model))
+            self.models_.append(self._fit_raw(X[rows], yc[rows]))
         self.n_iter_ = max((len(m.stages) for m in self.models_ if isinstance(m, HGBRaw)), default=0)
         return self
 
@@ -169,12 +198,12 @@ class _Pooled(_HGBBase):
         return np.column_stack([codes.astype(np.float64), X])
 
     def fit(self, X: Any, y: Any, task: Any = None) -> Any:
+        self._check_backend()
         X, y, codes = self._validate_fit(X, y, task, y_numeric=not self._classifier)
         yc = self._encode(y)
         categorical = self.n_tasks_ <= _MAX_CATEGORICAL_TASKS and self.n_tasks_ > 1
         self.task_categorical_ = categorical
-        model = self._hgb(len(X), categorical_features=[0] if categorical else None)
-        self.model_ = HGBRaw.from_model(model.fit(self._with_task(X, codes), yc))
+        self.model_ = self._fit_raw(self._with_task(X, codes), yc, categorical=[0] if categorical else None)
         self.n_iter_ = len(self.model_.stages)
         return self
 
@@ -203,7 +232,8 @@ class _ClassifierFront:
 
 
 class PerTaskGradientBoostingRegressor(RegressorMixin, _PerTask):
-    """One ``HistGradientBoostingRegressor`` per task (``min_samples_leaf`` is capped at half a task's rows)."""
+    """One ``HistGradientBoostingRegressor`` (or LightGBM booster, ``tree_backend='lightgbm'``) per task
+    (``min_samples_leaf`` is capped at half a task's rows)."""
 
 
 class PerTaskGradientBoostingClassifier(_ClassifierFront, ClassifierMixin, _PerTask):

@@ -6,7 +6,8 @@ Applications, 2025 (arXiv:2507.11411; reference code GAA-UAM/R-MTGB). For the ta
 
     F(x_i) = F0 + M(x_i) + s_r O(x_i) + (1 - s_r) N(x_i) + T_r(x_i),     s_r = sigmoid(theta_r),
 
-built by three sequential boosting blocks of regression trees (scikit-learn ``DecisionTreeRegressor``):
+built by three sequential boosting blocks of regression trees (scikit-learn ``DecisionTreeRegressor``, or
+LightGBM's histogram trees with ``tree_backend='lightgbm'``):
 
 1. ``n_estimators`` shared trees ``M`` fitted to the pooled negative gradients of all tasks;
 2. ``n_outlier_estimators`` pairs of shared trees: ``O`` fitted to ``s_r * g`` (the "outlier"
@@ -30,6 +31,9 @@ named so they can be checked):
 * the two functions of block 2 are interchangeable (``theta -> -theta`` with ``O`` and ``N``
   swapped is the same model); after block 2 they are oriented so that the median task scores below
   0.5, which makes ``outlier_scores_`` mean "distance from the majority" and not an arbitrary side;
+* with ``tree_backend='lightgbm'`` each weak learner is one least-squares LightGBM tree (binned features,
+  ``num_leaves = 2**max_depth``) whose leaves get the same Newton values; it fits single-output trees,
+  so it serves regression and binary classification;
 * early stopping (``early_stopping=True``) holds out ``validation_fraction`` of every task's rows,
   stops blocks 1 and 2 on the pooled validation loss and block 3 per task on that task's loss.
 """
@@ -47,6 +51,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from polytask.boost._base import MIN_TASK_ROWS, TaskIndexedMixin
+from polytask.boost._lightgbm import LightGBMTreeFitter, check_tree_backend, fit_lightgbm_tree, import_lightgbm
 from polytask.boost._trees import ArrayTree
 
 __all__ = ["MultiTaskGradientBoostingClassifier", "MultiTaskGradientBoostingRegressor"]
@@ -138,6 +143,7 @@ class _BaseRMTGB(TaskIndexedMixin):
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 10,
         tol: float = 1e-7,
+        tree_backend: str = "sklearn",
         random_state: int | None = None,
     ) -> None:
         self.n_estimators = n_estimators
@@ -153,6 +159,7 @@ class _BaseRMTGB(TaskIndexedMixin):
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
+        self.tree_backend = tree_backend
         self.random_state = random_state
 
     # ------------------------------------------------------------------ checks
@@ -179,6 +186,9 @@ class _BaseRMTGB(TaskIndexedMixin):
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
         if not (isinstance(self.n_iter_no_change, (int, np.integer)) and self.n_iter_no_change >= 1):
             raise ValueError(f"n_iter_no_change must be an int >= 1, got {self.n_iter_no_change!r}")
+        check_tree_backend(self.tree_backend)
+        if self.tree_backend == "lightgbm":
+            import_lightgbm()
 
     # ------------------------------------------------------------------ hooks for regressor/classifier
     def _encode_target(self, y: np.ndarray) -> np.ndarray:
@@ -219,11 +229,28 @@ class _BaseRMTGB(TaskIndexedMixin):
     ) -> tuple[ArrayTree, np.ndarray]:
         """A tree fitted to ``w * g`` on the in-bag rows with Newton leaf values; its values on all rows."""
         target = np.ascontiguousarray(w[:, None] * g)
+        if self.tree_backend == "lightgbm":
+            seed = rng.randint(np.iinfo(np.int32).max)
+            kw = {"max_depth": self.max_depth, "min_samples_leaf": self.min_samples_leaf, "seed": seed}
+            if inbag.all():
+                # Blocks fit many trees on the same rows: one Dataset and Booster for all of them.
+                if self._lgb_fitter is None or self._lgb_fitter.X is not X:
+                    self._lgb_fitter = LightGBMTreeFitter(X, **kw)
+                out = self._lgb_fitter.fit(target[:, 0])
+            else:
+                out = fit_lightgbm_tree(X[inbag], target[inbag, 0], **kw)
+            return out, self._newton_values(out, out.apply(X), g, h, w, inbag)
         # X is float32 C-ordered already (what the trees use); skipping the per-tree checks is what
         # scikit-learn's own gradient boosting does, and is most of the fitting time on small tasks.
         tree = self._tree(rng).fit(X[inbag], target[inbag], check_input=False)
-        leaves = tree.apply(X, check_input=False)
-        n_nodes = tree.tree_.node_count
+        out = ArrayTree.from_sklearn(tree)
+        return out, self._newton_values(out, tree.apply(X, check_input=False), g, h, w, inbag)
+
+    def _newton_values(
+        self, out: ArrayTree, leaves: np.ndarray, g: np.ndarray, h: np.ndarray, w: np.ndarray, inbag: np.ndarray
+    ) -> np.ndarray:
+        """Sets the tree's leaf values to Newton steps on the in-bag rows; returns the values of all rows."""
+        n_nodes = len(out.left)
         lin = leaves[inbag]
         win = w[inbag]
         values = np.zeros((n_nodes, g.shape[1]))
@@ -231,9 +258,8 @@ class _BaseRMTGB(TaskIndexedMixin):
             num = np.bincount(lin, weights=win * g[inbag, k], minlength=n_nodes)
             den = np.bincount(lin, weights=win**2 * h[inbag, k], minlength=n_nodes)
             values[:, k] = np.where(den > _EPS, num / np.maximum(den, _EPS), 0.0) * self._loss.newton_scale
-        out = ArrayTree.from_sklearn(tree)
         out.value = values
-        return out, values[leaves]
+        return values[leaves]
 
     def _inbag(self, n: int, rng: np.random.RandomState) -> np.ndarray:
         if self.subsample >= 1.0:
@@ -245,11 +271,20 @@ class _BaseRMTGB(TaskIndexedMixin):
     def _fit(self, X: Any, y: Any, task: Any, y_numeric: bool) -> Any:
         self._check_params()
         X, y, codes = self._validate_fit(X, y, task, y_numeric=y_numeric)
-        with config_context(skip_parameter_validation=True):
-            return self._fit_blocks(np.ascontiguousarray(X, dtype=np.float32), y, codes)
+        self._lgb_fitter: LightGBMTreeFitter | None = None
+        try:
+            with config_context(skip_parameter_validation=True):
+                return self._fit_blocks(np.ascontiguousarray(X, dtype=np.float32), y, codes)
+        finally:
+            self._lgb_fitter = None
 
     def _fit_blocks(self, X: np.ndarray, y: np.ndarray, codes: np.ndarray) -> Any:
         Y = self._encode_target(y)
+        if self.tree_backend == "lightgbm" and Y.shape[1] > 1:
+            raise ValueError(
+                f"tree_backend='lightgbm' fits single-output trees, so it serves regression and binary tasks; "
+                f"y has {Y.shape[1]} classes: use tree_backend='sklearn'"
+            )
         self._loss = self._make_loss()
         rng = check_random_state(self.random_state)
         T = self.n_tasks_
@@ -453,6 +488,7 @@ class MultiTaskGradientBoostingRegressor(RegressorMixin, _BaseRMTGB):
     Fitted attributes: ``tasks_`` (sorted task ids), ``outlier_scores_`` (``sigmoid(theta_r)`` per
     task, in ``tasks_`` order; ``None`` without block 2), ``outlier_tasks_`` (score > 0.5),
     ``theta_``, the trees of each block, and ``n_task_trees_`` (block-3 trees kept per task).
+    ``tree_backend``: ``'sklearn'`` (``DecisionTreeRegressor``) or ``'lightgbm'`` (optional dependency).
     """
 
     def fit(self, X: Any, y: Any, task: Any = None) -> MultiTaskGradientBoostingRegressor:

@@ -5,9 +5,9 @@ or ``torch.kthvalue`` of a multi-megabyte tensor costs far more than the merge i
 
 1. draw a random sample (32k values, fixed seed) and take a bracket ``[lo, hi]`` around the
    sample quantile, six binomial standard deviations wide on each side;
-2. count the values above ``hi`` and gather the few (about 1%) inside the bracket, block by block;
-   when the k-th largest lies in the bracket (almost always), ``kthvalue`` of the gathered values
-   gives it;
+2. count the values above ``hi`` and gather the few inside the bracket (under 3% at a top-20% cut),
+   block by block, with numpy's vectorised comparisons and compaction; when the k-th largest lies
+   in the bracket (almost always), ``kthvalue`` of the gathered values gives it;
 3. otherwise fall back to an exact two-level radix select on order-preserving float32 keys (floats
    order like their bit patterns once the magnitude bits of negative numbers are flipped).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["ValuesFn", "kth_largest", "kth_largest_stream", "top_count"]
@@ -52,17 +53,74 @@ def _bracket(sample: torch.Tensor, k: int, n: int) -> tuple[float, float]:
     return lo, hi
 
 
-def _refine(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
-    """How many entries of one block exceed ``hi``, and its entries with ``lo <= x <= hi`` (gathered)."""
-    above = int(torch.count_nonzero(x > hi)) if hi < math.inf else 0
+def _refine(x: torch.Tensor, lo: float, hi: float, scratch: dict | None = None) -> tuple[int, torch.Tensor]:
+    """How many entries of one block exceed ``hi``, and a superset of its entries with ``lo <= x <= hi``.
+
+    The superset (a few values just outside the bracket) is trimmed once, on everything gathered
+    (:func:`_trim`), instead of block by block. ``scratch`` keeps the temporaries from one call to the next.
+    """
     if math.isinf(lo) or math.isinf(hi):
+        above = int(torch.count_nonzero(x > hi)) if hi < math.inf else 0
         return above, x[(x >= lo) & (x <= hi)]
     # |x - c| <= h' is one comparison pass instead of two and a logical and; h' is widened beyond any
-    # rounding of x - c, so it selects a superset, which the exact test then trims on the few gathered values.
+    # rounding of x - c (and of c), so it selects a superset of [lo, hi].
     c = (lo + hi) / 2
     h = (hi - lo) / 2 + (abs(lo) + abs(hi)) * 2.0**-16
-    wide = x[(x - c).abs_() <= h]
-    return above, wide[(wide >= lo) & (wide <= hi)]
+    if x.is_contiguous() and x.dtype in _NUMPY_DTYPES and not x.requires_grad:
+        # numpy's comparisons and boolean compaction are vectorised; torch's on CPU are several times slower
+        v = x.numpy()
+        key = (v.dtype, v.size)
+        bufs = scratch.get(key) if scratch is not None else None
+        if bufs is None:
+            bufs = (np.empty_like(v), np.empty(v.size, dtype=bool))
+            if scratch is not None:
+                scratch[key] = bufs
+        dist, mask = bufs
+        above = int(np.count_nonzero(np.greater(v, hi, out=mask)))
+        np.abs(np.subtract(v, c, out=dist), out=dist)
+        return above, torch.from_numpy(v[np.less_equal(dist, h, out=mask)])
+    return int(torch.count_nonzero(x > hi)), x[(x - c).abs_() <= h]
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+class _Gathered:
+    """Values gathered block by block, copied into one growing buffer.
+
+    Keeping every block's few values as its own small array interleaves long-lived small allocations
+    with the block-sized temporaries, which fragments the heap: resident memory grew by about one
+    block per block (+400 MB over a 33.6M-parameter model, N = 4).
+    """
+
+    def __init__(self) -> None:
+        self._buf: np.ndarray | None = None
+        self._n = 0
+        self._other: list[torch.Tensor] = []
+
+    def add(self, t: torch.Tensor) -> None:
+        if t.dtype not in _NUMPY_DTYPES:
+            self._other.append(t)
+            return
+        a = t.numpy()
+        if self._buf is None or self._buf.dtype != a.dtype:
+            if self._buf is not None:
+                self._other.append(torch.from_numpy(self._buf[: self._n].copy()))
+            self._buf, self._n = np.empty(max(1 << 12, 2 * a.size), dtype=a.dtype), 0
+        if self._n + a.size > self._buf.size:
+            grown = np.empty(max(2 * self._buf.size, self._n + a.size), dtype=a.dtype)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : self._n + a.size] = a
+        self._n += a.size
+
+    def tensor(self) -> torch.Tensor:
+        parts = ([torch.from_numpy(self._buf[: self._n])] if self._buf is not None else []) + self._other
+        return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else torch.empty(0)
+
+
+def _trim(wide: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return wide[(wide >= lo) & (wide <= hi)]
 
 
 def _sample(stream: Callable[[], Iterable[tuple[int, ValuesFn]]], numel: int, m: int, size: int) -> list[torch.Tensor]:
@@ -106,18 +164,19 @@ def kth_largest_stream(
         for p, k in zip(_sample(stream, numel, m, sample), ks, strict=True)
     ]
     above = [0] * m
-    mids: list[list[torch.Tensor]] = [[] for _ in range(m)]
+    mids = [_Gathered() for _ in range(m)]
+    scratch: dict = {}
     for n_t, fn in stream():
         for start in range(0, n_t, _BLOCK):
             for i, v in enumerate(fn(slice(start, start + _BLOCK))):
-                n_above, mid = _refine(v, *brackets[i])
+                n_above, mid = _refine(v, *brackets[i], scratch)
                 above[i] += n_above
                 if above[i] < ks[i]:  # once k values lie above hi, the bracket has missed; stop gathering
-                    mids[i].append(mid)
+                    mids[i].add(mid)
     out: list[float | None] = [None] * m
     failed = []
     for i in range(m):
-        mid = torch.cat(mids[i]) if mids[i] else torch.empty(0)
+        mid = _trim(mids[i].tensor(), *brackets[i])
         r = ks[i] - above[i]
         if 1 <= r <= mid.numel():
             out[i] = float(torch.kthvalue(mid, mid.numel() - r + 1).values)
