@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, fmt_cell, write_json
+from _common import ROOT, fmt_cell, set_threads, write_json
 from polytask.data import DataBundle
 from polytask.evaluate import delta_m, delta_p, mean_rank
 from polytask.nn import build_model
@@ -176,11 +178,24 @@ def add_grid_arguments(ap: argparse.ArgumentParser, name: str) -> None:
     ap.add_argument("--rows", nargs="*", default=None, help="row keys (default: all)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="runs trained at once, one process each")
     ap.add_argument("--fresh", action="store_true", help="ignore the runs stored in the results file")
     ap.add_argument("--report-only", action="store_true", help="write the doc from the stored runs; train nothing")
     ap.add_argument("--note", default="", help="a remark printed under the protocol (e.g. on machine load)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / f"{name}.json")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / f"{name}.md")
+
+
+_BUNDLES: dict[str, DataBundle] = {}
+
+
+def _init_worker(bundles: dict[str, DataBundle], threads: int) -> None:
+    set_threads(threads)
+    _BUNDLES.update(bundles)
+
+
+def _run_in_worker(ds: str, row: Row, base_train: dict[str, Any], seed: int) -> dict[str, Any]:
+    return run_row_seed(_BUNDLES[ds], row, base_train, seed)
 
 
 def run_grid(
@@ -191,15 +206,30 @@ def run_grid(
     metric: str,
     meta: dict[str, Any],
     report_only: bool = False,
+    workers: int = 1,
+    threads: int = 1,
 ) -> float:
     """Train every (seed, data set, row) of ``todo`` not stored yet, storing each run as it finishes;
-    returns the training seconds of all stored runs."""
-    for seed, ds, row in todo:
-        if report_only or store.get(ds, row.key, seed) is not None:
-            continue
-        run = run_row_seed(bundles[ds], row, base_train, seed)
+    returns the training seconds of all stored runs. ``workers > 1`` trains that many runs at once in
+    spawned processes of ``threads`` threads each (the parent alone writes the store)."""
+    missing = [] if report_only else [(s, ds, r) for s, ds, r in todo if store.get(ds, r.key, s) is None]
+
+    def record(seed: int, ds: str, row: Row, run: dict[str, Any]) -> None:
         res = run.get("test")
         shown = ", ".join(f"{t} {m[metric]:.4f}" for t, m in res.items()) if res else run["error"][:120]
         print(f"{ds} | {row.key} | seed {seed}: {shown} ({run['seconds']:.0f} s)", flush=True)
         store.put(ds, row.key, seed, run, meta)
+
+    if workers <= 1:
+        for seed, ds, row in missing:
+            record(seed, ds, row, run_row_seed(bundles[ds], row, base_train, seed))
+    elif missing:
+        used = {ds: bundles[ds] for ds in {ds for _, ds, _ in missing}}
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(used, threads)) as pool:
+            futures = {
+                pool.submit(_run_in_worker, ds, row, base_train, seed): (seed, ds, row) for seed, ds, row in missing
+            }
+            for fut in as_completed(futures):
+                record(*futures[fut], fut.result())
     return sum(r.get("seconds", 0.0) for rows in store.doc.values() for by in rows.values() for r in by.values())

@@ -82,7 +82,7 @@ def main() -> None:
     bundles = {ds: load_dataset(ds, seed=0, **DATA_OPTIONS) for ds in names}
     rows = [r for r in ROWS if args.rows is None or r.key in args.rows]
     todo = [(seed, ds, row) for seed in seeds for ds in names for row in rows]
-    runtime = run_grid(store, todo, bundles, TRAIN, "auc", meta, args.report_only)
+    runtime = run_grid(store, todo, bundles, TRAIN, "auc", meta, args.report_only, args.workers, args.threads)
     doc: dict[str, Any] = {"meta": {**meta, "runtime_s": runtime}, "tasks": {}, "parameters": {}}
     summaries = {}
     for ds in GROUPS.values():

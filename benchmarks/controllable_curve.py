@@ -33,7 +33,7 @@ from polytask.nn.slimmable import active_width
 from polytask.train import TrainConfig, Trainer, evaluate_model
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
-TRAIN: dict[str, Any] = {"epochs": 5, "batch_size": 256, "lr": 1e-2, "schedule": "cosine", "patience": None}
+TRAIN: dict[str, Any] = {"epochs": 5, "batch_size": 64, "lr": 1e-2, "schedule": "cosine", "patience": None}
 
 
 def fixed_width_params(r: float) -> dict[str, Any]:
@@ -57,8 +57,8 @@ def test_scores(model: Any, bundle: Any, config: dict[str, float]) -> dict[str, 
     return {t.name: metrics[t.name]["accuracy"] for t in bundle.tasks}
 
 
-def run_seed(bundle: Any, seed: int, cfg: TrainConfig) -> dict[str, Any]:
-    model, secs = train(bundle, {"widths": WIDTHS}, seed, cfg)
+def run_seed(bundle: Any, seed: int, cfg: TrainConfig, slim: dict[str, Any]) -> dict[str, Any]:
+    model, secs = train(bundle, {"widths": WIDTHS, **slim}, seed, cfg)
     table = profile_configurations(model, bundle.val)
     uniform = {r: {k: r for k in model.config_keys} for r in WIDTHS}
     budgets = [model.count(uniform[r])["flops"] for r in WIDTHS]
@@ -81,9 +81,13 @@ def run_seed(bundle: Any, seed: int, cfg: TrainConfig) -> dict[str, Any]:
             "n_configurations": len(table)}  # fmt: skip
 
 
-def markdown(doc: dict[str, Any]) -> str:
+SANDWICH = " (sandwich rule: one of them always the narrowest)"
+
+
+def markdown(doc: dict[str, Any], name: str = "controllable_curve") -> str:
     meta = doc["meta"]
     runs = doc["runs"]
+    tr, sl = meta["train"], meta.get("slimmable", {"n_sampled": 1, "sandwich": False})
     lines = [
         "# Controllable multi-task architecture: accuracy / compute from one trained model",
         "",
@@ -91,10 +95,12 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- machine: {machine_line(meta['machine'])}",
         f"- command: `{meta['command']}`",
         "",
-        f"Multi-MNIST {meta['split']}, {TRAIN['epochs']} epochs, batch {TRAIN['batch_size']}, AdamW lr "
-        f"{TRAIN['lr']:g} cosine, equal weighting, seeds {meta['seeds']}, no early stopping. One `controllable` "
+        f"Multi-MNIST {meta['split']}, {tr['epochs']} epochs, batch {tr['batch_size']}, AdamW lr "
+        f"{tr['lr']:g} cosine, equal weighting, seeds {meta['seeds']}, no early stopping. One `controllable` "
         f"model with width ratios {list(WIDTHS)} for the encoder and each task decoder "
-        f"({runs[0]['n_configurations']} configurations) is trained once per seed; after batch-norm "
+        f"({runs[0]['n_configurations']} configurations) is trained once per seed with {sl['n_sampled']} "
+        f"sampled sub-configuration(s) distilled per step{SANDWICH if sl['sandwich'] else ''}; "
+        "after batch-norm "
         "recalibration each configuration is profiled on **validation**, and `search(budget, preferences, "
         "table)` picks the configuration per FLOPs budget; the table shows its **test** accuracy (mean ± std "
         "over seeds). Budgets are the FLOPs of the uniform configurations (all widths equal to r). "
@@ -127,7 +133,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Training cost: one controllable model {t_ctrl:.0f} s vs {t_fixed:.0f} s for the {len(WIDTHS)} fixed-width "
         "models together (median over seeds; measured while other jobs shared the machine).",
         "",
-        "![accuracy against FLOPs](controllable_curve.png)",
+        f"![accuracy against FLOPs]({name}.png)",
     ]
     if meta.get("note"):
         lines += ["", f"Note: {meta['note']}"]
@@ -165,24 +171,30 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=TRAIN["epochs"])
+    ap.add_argument("--batch-size", type=int, default=TRAIN["batch_size"])
+    ap.add_argument("--n-sampled", type=int, default=1, help="sub-configurations distilled per step")
+    ap.add_argument("--sandwich", action="store_true", help="always distil the narrowest configuration too")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", default="")
+    ap.add_argument("--name", default="controllable_curve", help="stem of the results JSON, doc and plot")
     args = ap.parse_args()
     set_threads(args.threads)
     split = {"n_train": args.n_train, "n_val": 2000, "n_test": 5000}
     bundle = load_dataset("multi-mnist", seed=0, **split)
-    cfg = TrainConfig(**{**TRAIN, "epochs": args.epochs})
+    cfg = TrainConfig(**{**TRAIN, "epochs": args.epochs, "batch_size": args.batch_size})
+    slim = {"n_sampled": args.n_sampled, "sandwich": args.sandwich}
     runs = []
     for seed in range(args.seeds):
-        runs.append(run_seed(bundle, seed, cfg))
+        runs.append(run_seed(bundle, seed, cfg, slim))
         print(f"seed {seed}: {runs[-1]['curve']['equal']}", flush=True)
     meta = {"date": now_utc(), "command": command_line(), "machine": machine(args.threads),
-            "seeds": list(range(args.seeds)), "split": split, "train": cfg.to_dict(), "note": args.note}  # fmt: skip
+            "seeds": list(range(args.seeds)), "split": split, "train": cfg.to_dict(), "slimmable": slim,
+            "note": args.note}  # fmt: skip
     doc = {"meta": meta, "runs": runs}
-    write_json(ROOT / "benchmarks" / "results" / "controllable_curve.json", doc)
-    plot(doc, ROOT / "docs" / "benchmarks" / "controllable_curve.png")
-    write_text(ROOT / "docs" / "benchmarks" / "controllable_curve.md", markdown(doc))
-    print("wrote docs/benchmarks/controllable_curve.md")
+    write_json(ROOT / "benchmarks" / "results" / f"{args.name}.json", doc)
+    plot(doc, ROOT / "docs" / "benchmarks" / f"{args.name}.png")
+    write_text(ROOT / "docs" / "benchmarks" / f"{args.name}.md", markdown(doc, args.name))
+    print(f"wrote docs/benchmarks/{args.name}.md")
 
 
 if __name__ == "__main__":

@@ -235,8 +235,11 @@ def run_merge_stage(args: argparse.Namespace, bundle: DataBundle, root: Path) ->
     val_rows = torch.cat([torch.nonzero(bundle.val.mask[t]).flatten()[: args.lam_rows] for t in TASKS])
     val = bundle.val.subset(val_rows)
 
+    def result_path(name: str) -> Path:
+        return out_dir / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".json")
+
     def cached(name: str, compute: Any) -> dict[str, Any]:
-        path = out_dir / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".json")
+        path = result_path(name)
         if path.exists() and not args.fresh:
             return json.loads(path.read_text())
         t0 = time.perf_counter()
@@ -270,21 +273,34 @@ def run_merge_stage(args: argparse.Namespace, bundle: DataBundle, root: Path) ->
             res[t] = task_scores(t, torch.full((len(part),), value), part.y[t])
         return {"dev": res, "summary": summarise(res, ref)}
 
-    rows["majority class"] = cached("majority class", majority)
-    rows["zero-shot"] = cached("zero-shot", lambda: plain(None))
     if (root / "joint" / "encoder.safetensors").exists():
         joint_heads = load_heads(root, dict.fromkeys(TASKS, "joint"), bundle, hidden)
         joint = load_file(str(root / "joint" / "encoder.safetensors"))
         rows["joint"] = cached("joint", lambda: plain(joint, joint_heads))
+    rows["majority class"] = cached("majority class", majority)
+    rows["zero-shot"] = cached("zero-shot", lambda: plain(None))
 
     # the published reference's methods first, so that a partial run still compares with it, then the
     # other data-driven methods, then the other data-free ones
     order = ("average", "task-arithmetic", "ties", "regmean", "fisher", *sorted(DATA_DRIVEN))
     first = [m for m in dict.fromkeys(order) if m in MERGE_METHODS]
-    wanted = args.methods if args.methods else first + [m for m in MERGE_METHODS if m not in first]
+    every = first + [m for m in MERGE_METHODS if m not in first]
+    wanted = args.methods if args.methods else every
+    # the table always shows every method: those not asked for this time come from their cached results
+    row_order = [label for m in every for label, _ in DATA_DRIVEN_PARAMS.get(m, [(m, {})])]
+    for method in every:
+        for label, _ in DATA_DRIVEN_PARAMS.get(method, [(method, {})]):
+            if method not in wanted and result_path(label).exists():
+                rows[label] = json.loads(result_path(label).read_text())
+
+    def ordered() -> dict[str, dict[str, Any]]:
+        """The reference rows, then every method's rows in the order of `every`, whichever ran first."""
+        keys = [k for k in rows if k not in row_order] + [k for k in row_order if k in rows]
+        return {k: rows[k] for k in keys}
+
     stage_start = time.perf_counter()
     for method in wanted:
-        write_report(args, root, rows)  # after every method: an interrupted run still leaves its table
+        write_report(args, root, ordered())  # after every method: an interrupted run still leaves its table
         if time.perf_counter() - stage_start > 60 * args.budget_min:
             print(f"time budget of {args.budget_min} min spent; rerun to continue with the remaining methods")
             break
@@ -356,7 +372,7 @@ def run_merge_stage(args: argparse.Namespace, bundle: DataBundle, root: Path) ->
             }
 
         rows[method] = cached(method, run_free)
-    write_report(args, root, rows)
+    write_report(args, root, ordered())
 
 
 def evaluate_twin(twin: Any, data: Any, split: TaskTensors, batch_size: int = 64) -> dict[str, dict[str, float]]:
@@ -434,6 +450,17 @@ def write_report(args: argparse.Namespace, root: Path, rows: dict[str, dict[str,
     ft_secs = ", ".join(f"{NAMES[t]} {fine[t]['seconds']:.0f} s" for t in TASKS)
     joint_secs = f"; joint {joint_doc['seconds']:.0f} s" if joint_doc else "; joint not run yet"
     lines += ["", f"Fine-tuning time ({doc['settings']['epochs']} epochs): {ft_secs}{joint_secs}."]
+    reference = {"individual", "joint", "majority class", "zero-shot"}
+    merged = {k: r for k, r in rows.items() if k not in reference and r["summary"]["avg"] == r["summary"]["avg"]}
+    if "joint" in rows and merged:
+        best = max(merged, key=lambda k: merged[k]["summary"]["avg"])
+        j, b = rows["joint"]["summary"], merged[best]["summary"]
+        lines += [
+            "",
+            f"Joint multi-task training (the union of the same rows, {joint_doc['train_rows'] if joint_doc else '?'} "
+            f"in all, same epochs): avg {100 * j['avg']:.1f}, {100 * j['normalised']:.1f}% of the individual "
+            f"models; the best merged model ({best}): avg {100 * b['avg']:.1f}, {100 * b['normalised']:.1f}%.",
+        ]
     from polytask.merge import MERGE_METHODS
 
     missing = [m for m in MERGE_METHODS if not any(n == m or n.startswith(m + " ") for n in rows)]
