@@ -380,4 +380,4 @@ def test_shipped_glue_merge_suite_parses() -> None:
     suite = load_suite("merge-glue-minilm")
     assert suite.datasets == {"glue-minilm": {"name": "glue-minilm", "params": {}}}
     assert [r.model for r in suite.runs][:2] == ["individual", "pretrained"]
-    assert suite.metrics["stsb"] == ["r2"] and len(suite.runs) == 8
+    assert suite.metrics["stsb"] == ["pearson"] and suite.metrics["mrpc"] == ["f1"] and len(suite.runs) == 8

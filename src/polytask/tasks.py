@@ -57,6 +57,11 @@ METRIC_HIGHER_IS_BETTER: dict[str, bool] = {
     "rmse": False,
     "mae": False,
     "r2": True,
+    # GLUE's official scores (polytask.evaluate.metrics.glue_score), reported for text tasks
+    "mcc": True,
+    "f1": True,
+    "pearson": True,
+    "spearman": True,
 }
 
 _METRICS: dict[TaskKind, tuple[str, ...]] = {

@@ -105,6 +105,23 @@ def _model_features(module: torch.nn.Module, params: Mapping[str, torch.Tensor],
     return torch.func.functional_call(module, dict(params), (x,), strict=False)
 
 
+def _val_batches(
+    val: Any, tasks: Sequence[Any], examples: int, batch_size: int, seed: int
+) -> list[tuple[Any, list[Any]]]:
+    """Per task, ``examples`` of its labelled validation rows drawn by ``seed``, as (inputs, labels) batches."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in tasks:
+        rows = torch.nonzero(val.mask[t.name]).flatten()
+        rows = rows[torch.randperm(len(rows), generator=gen)[:examples]]
+        batches = [
+            ({k: v[rows[s : s + batch_size]] for k, v in val.x.items()}, val.y[t.name][rows[s : s + batch_size]])
+            for s in range(0, len(rows), batch_size)
+        ]
+        out.append((t, batches))
+    return out
+
+
 class _Pick:
     """A TaskData head: task ``name``'s prediction from the model's output dict."""
 
@@ -199,16 +216,9 @@ class CheckpointPool(Pool):
         from polytask.merge._data import MergeData, TaskData
 
         val = self._data().val
-        gen = torch.Generator().manual_seed(seed)
-        tasks = []
-        for t in self.tasks:
-            rows = torch.nonzero(val.mask[t.name]).flatten()
-            rows = rows[torch.randperm(len(rows), generator=gen)[:examples]]
-            batches = [
-                ({k: v[rows[s : s + batch_size]] for k, v in val.x.items()}, val.y[t.name][rows[s : s + batch_size]])
-                for s in range(0, len(rows), batch_size)
-            ]
-            tasks.append(TaskData(t.name, batches, _Pick(t.name), t))
+        tasks = [
+            TaskData(t.name, b, _Pick(t.name), t) for t, b in _val_batches(val, self.tasks, examples, batch_size, seed)
+        ]
         # a copy: MergeData freezes its skeleton's parameters, and this pool's model evaluates later runs
         return MergeData(copy.deepcopy(self.model), tasks, features=_model_features)
 
@@ -272,7 +282,8 @@ class GluePool(Pool):
             self.heads[t.name] = head.eval()
 
     def _split_scores(self, params: Mapping[str, torch.Tensor], split: Any, names: Sequence[str]) -> Results:
-        from polytask.evaluate.metrics import compute_metrics
+        from polytask.data.glue import GLUE_METRICS
+        from polytask.evaluate.metrics import compute_metrics, glue_score
         from polytask.nn.text import pooled_features
 
         out: Results = {}
@@ -291,7 +302,12 @@ class GluePool(Pool):
             pred = torch.empty_like(torch.cat([p for _, p in preds]))
             for idx, p in preds:
                 pred[idx] = p
-            out[t.name] = compute_metrics(t, pred, split.y[t.name][rows], torch.ones(len(rows), dtype=torch.bool))
+            y = split.y[t.name][rows]
+            out[t.name] = compute_metrics(t, pred, y, torch.ones(len(rows), dtype=torch.bool))
+            # GLUE's official scores beside polytask's own (a suite's `metrics:` picks among them)
+            out[t.name].update(
+                {m: glue_score(m, pred, y) for m in GLUE_METRICS.get(t.name, ()) if m not in out[t.name]}
+            )
         return out
 
     def evaluate(self, merged: Mapping[str, torch.Tensor]) -> Results:
@@ -308,16 +324,10 @@ class GluePool(Pool):
         from polytask.nn.text import pooled_features
 
         val = self.bundle.val
-        gen = torch.Generator().manual_seed(seed)
-        tasks = []
-        for t in self.tasks:
-            rows = torch.nonzero(val.mask[t.name]).flatten()
-            rows = rows[torch.randperm(len(rows), generator=gen)[:examples]]
-            batches = [
-                ({k: v[rows[s : s + batch_size]] for k, v in val.x.items()}, val.y[t.name][rows[s : s + batch_size]])
-                for s in range(0, len(rows), batch_size)
-            ]
-            tasks.append(TaskData(t.name, batches, self.heads[t.name], t))
+        tasks = [
+            TaskData(t.name, b, self.heads[t.name], t)
+            for t, b in _val_batches(val, self.tasks, examples, batch_size, seed)
+        ]
         return MergeData(self.encoder, tasks, features=pooled_features)
 
 

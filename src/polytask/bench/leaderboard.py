@@ -173,6 +173,16 @@ def _mean_over(runs: Sequence[Mapping[str, Any]], seeds: set[int]) -> dict[str, 
     return {t: {m: statistics.fmean(x[t][m] for x in chosen) for m in chosen[0][t]} for t in chosen[0]}
 
 
+def _test_mean_std(runs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Per task and metric, the mean and std over ``runs`` of their test metrics."""
+    mean: dict[str, dict[str, float]] = {}
+    std: dict[str, dict[str, float]] = {}
+    for t in runs[0]["test"]:
+        for m in runs[0]["test"][t]:
+            mean.setdefault(t, {})[m], std.setdefault(t, {})[m] = mean_std([r["test"][t][m] for r in runs])
+    return mean, std
+
+
 def leaderboard(bench_dir: str | Path) -> Leaderboard:
     """Read ``BENCH_DIR/bench.sqlite`` and build the leaderboard (no training, no data loading)."""
     from polytask.bench._store import BenchStore
@@ -202,12 +212,7 @@ def leaderboard(bench_dir: str | Path) -> Leaderboard:
         entries = []
         for (model, balancer), runs in groups.items():
             runs = sorted(runs, key=lambda r: r["seed"])
-            mean: dict[str, dict[str, float]] = {}
-            std: dict[str, dict[str, float]] = {}
-            for t in runs[0]["test"]:
-                for m in runs[0]["test"][t]:
-                    mu, sd = mean_std([r["test"][t][m] for r in runs])
-                    mean.setdefault(t, {})[m], std.setdefault(t, {})[m] = mu, sd
+            mean, std = _test_mean_std(runs)
             row = LeaderboardRow(ds, model, balancer, [r["seed"] for r in runs], bool(runs[0]["baseline"]), mean, std)
             if base_runs is not None:
                 common = {r["seed"] for r in runs} & {r["seed"] for r in base_runs}
@@ -268,12 +273,7 @@ def _merge_entries(
     entries = []
     for (label, role), runs in groups.items():
         runs = sorted(runs, key=lambda r: r["seed"])
-        mean: dict[str, dict[str, float]] = {}
-        std: dict[str, dict[str, float]] = {}
-        for t in runs[0]["test"]:
-            for m in runs[0]["test"][t]:
-                mu, sd = mean_std([r["test"][t][m] for r in runs])
-                mean.setdefault(t, {})[m], std.setdefault(t, {})[m] = mu, sd
+        mean, std = _test_mean_std(runs)
         row = LeaderboardRow(ds, label, role, [r["seed"] for r in runs], bool(runs[0]["baseline"]), mean, std)
         if ref is not None:
             try:
