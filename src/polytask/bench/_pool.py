@@ -213,7 +213,7 @@ class CheckpointPool(Pool):
     def merge_data(self, examples: int, batch_size: int, seed: int) -> Any:
         import copy
 
-        from polytask.merge._data import MergeData, TaskData
+        from polytask.merge import MergeData, TaskData
 
         val = self._data().val
         tasks = [
@@ -320,7 +320,7 @@ class GluePool(Pool):
         return self._split_scores(weights, self.bundle.test, [name])[name]
 
     def merge_data(self, examples: int, batch_size: int, seed: int) -> Any:
-        from polytask.merge._data import MergeData, TaskData
+        from polytask.merge import MergeData, TaskData
         from polytask.nn.text import pooled_features
 
         val = self.bundle.val

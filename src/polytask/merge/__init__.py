@@ -14,6 +14,7 @@ import importlib
 import pkgutil
 
 from polytask.merge._config import load_merge_config, merge
+from polytask.merge._data import MergeData, TaskData
 from polytask.merge._engine import TensorContext, layer_index, merge_checkpoints, merge_state_dicts
 from polytask.merge._registry import DATA_DRIVEN, MERGE_METHODS, MergeEntry, register_merge
 
@@ -24,7 +25,9 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "DATA_DRIVEN",
     "MERGE_METHODS",
+    "MergeData",
     "MergeEntry",
+    "TaskData",
     "TensorContext",
     "layer_index",
     "load_merge_config",
