@@ -173,6 +173,22 @@ def _mean_over(runs: Sequence[Mapping[str, Any]], seeds: set[int]) -> dict[str, 
     return {t: {m: statistics.fmean(x[t][m] for x in chosen) for m in chosen[0][t]} for t in chosen[0]}
 
 
+def _median_of(runs: list[dict[str, Any]], key: str) -> float:
+    """Median of ``key`` over the runs that recorded it (NaN when none did)."""
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else _NAN
+
+
+def _assign_ranks(entries: list[LeaderboardRow], sel: Any) -> None:
+    """Each row's mean rank over the selected metrics among ``entries`` (left NaN when undefined)."""
+    try:
+        ranks = mean_rank({e.label: e.mean for e in entries}, metrics=sel)
+    except ValueError:
+        return
+    for e in entries:
+        e.mean_rank = ranks[e.label]
+
+
 def _test_mean_std(runs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Per task and metric, the mean and std over ``runs`` of their test metrics."""
     mean: dict[str, dict[str, float]] = {}
@@ -222,17 +238,10 @@ def leaderboard(bench_dir: str | Path) -> Leaderboard:
                         row.delta_m, row.delta_p = delta_m(mt, base, metrics=sel), delta_p(mt, base, metrics=sel)
                     except ValueError:
                         pass
-            spe = [r["seconds_per_epoch"] for r in runs if r["seconds_per_epoch"] is not None]
-            mem = [r["peak_memory_mb"] for r in runs if r["peak_memory_mb"] is not None]
-            row.seconds_per_epoch = statistics.median(spe) if spe else _NAN
-            row.peak_memory_mb = statistics.median(mem) if mem else _NAN
+            row.seconds_per_epoch = _median_of(runs, "seconds_per_epoch")
+            row.peak_memory_mb = _median_of(runs, "peak_memory_mb")
             entries.append(row)
-        try:
-            ranks = mean_rank({e.label: e.mean for e in entries}, metrics=sel)
-            for e in entries:
-                e.mean_rank = ranks[e.label]
-        except ValueError:
-            pass
+        _assign_ranks(entries, sel)
         entries.sort(key=lambda e: (not e.baseline, math.inf if math.isnan(e.delta_m) else e.delta_m, e.label))
         board.datasets[ds] = entries
     return board
@@ -281,17 +290,10 @@ def _merge_entries(
                 row.normalised = normalised_score(mean, ref, sel)
             except (ValueError, KeyError):
                 pass
-        mem = [r["peak_memory_mb"] for r in runs if r["peak_memory_mb"] is not None]
-        sec = [r["merge_seconds"] for r in runs if r.get("merge_seconds") is not None]
-        row.peak_memory_mb = statistics.median(mem) if mem else _NAN
-        row.merge_seconds = statistics.median(sec) if sec else _NAN
+        row.peak_memory_mb = _median_of(runs, "peak_memory_mb")
+        row.merge_seconds = _median_of(runs, "merge_seconds")
         entries.append(row)
-    try:
-        ranks = mean_rank({e.label: e.mean for e in entries}, metrics=sel)
-        for e in entries:
-            e.mean_rank = ranks[e.label]
-    except ValueError:
-        pass
+    _assign_ranks(entries, sel)
     order = {"individual": 0, "pretrained": 1}
     entries.sort(key=lambda e: (order.get(e.balancer, 2), math.inf if math.isnan(e.delta_m) else e.delta_m, e.model))
     return entries
