@@ -159,19 +159,27 @@ def pareto_parallel(
     return _png(fig)
 
 
+def _panels(n: int, max_cols: int, width: float, height: float, pad: tuple[float, float] = (0.0, 0.0)) -> Any:
+    """A figure of ``n`` panels of ``width`` x ``height`` inches in rows of at most ``max_cols``; returns
+    the figure and its flat array of axes, the ones beyond ``n`` hidden."""
+    figure = require_matplotlib()
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    fig = figure(figsize=(width * cols + pad[0], height * rows + pad[1]), layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in grid[n:]:
+        ax.set_visible(False)
+    return fig, grid
+
+
 def cosine_strip(matrices: Sequence[tuple[int, Sequence[Sequence[float]]]], tasks: Sequence[str], title: str) -> bytes:
     """A strip of task-gradient cosine heat maps, one per (epoch, K x K matrix), colour scale [-1, 1]."""
-    figure = require_matplotlib()
     n = len(matrices)
     k = len(tasks)
     cols = min(n, 4)  # wrapped in rows of four so that the labels stay readable
-    rows = math.ceil(n / cols)
     size = 1.4 + 0.4 * k
-    fig = figure(figsize=(size * cols + 1.0, (size + 0.4) * rows + 0.3), layout="constrained")
-    grid = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig, grid = _panels(n, cols, size, size + 0.4, pad=(1.0, 0.3))
     axes = list(grid[:n])
-    for ax in grid[n:]:
-        ax.set_visible(False)
     image = None
     for ax, (epoch, m) in zip(axes, matrices, strict=True):
         image = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu")
@@ -193,12 +201,7 @@ def cosine_strip(matrices: Sequence[tuple[int, Sequence[Sequence[float]]]], task
 
 def weights_over_time(series: Mapping[str, Mapping[str, Sequence[float]]]) -> bytes:
     """One panel per method: the balancer's mean weight per task and epoch."""
-    figure = require_matplotlib()
-    n = len(series)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig = figure(figsize=(4.2 * cols, 2.8 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig, axes = _panels(len(series), 3, 4.2, 2.8)
     for ax, (method, by_task) in zip(axes, series.items(), strict=False):
         for task, values in by_task.items():
             ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=task)
@@ -208,19 +211,12 @@ def weights_over_time(series: Mapping[str, Mapping[str, Sequence[float]]]) -> by
         ax.set_ylabel("weight")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in axes[n:]:
-        ax.set_visible(False)
     return _png(fig)
 
 
 def expert_usage(usage: Mapping[str, Mapping[str, Sequence[float]]]) -> bytes:
     """One heat map per mixture-of-experts method: each task's mean gate weight on each expert."""
-    figure = require_matplotlib()
-    n = len(usage)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig = figure(figsize=(4.5 * cols, 2.6 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig, axes = _panels(len(usage), 3, 4.5, 2.6)
     for ax, (method, by_task) in zip(axes, usage.items(), strict=False):
         tasks = list(by_task)
         width = max(len(v) for v in by_task.values())
@@ -231,6 +227,4 @@ def expert_usage(usage: Mapping[str, Mapping[str, Sequence[float]]]) -> bytes:
         ax.set_xticks(range(width), [str(i) for i in range(width)], fontsize=7)
         ax.set_xlabel("expert")
         fig.colorbar(image, ax=ax, shrink=0.8, label="share")
-    for ax in axes[n:]:
-        ax.set_visible(False)
     return _png(fig)
