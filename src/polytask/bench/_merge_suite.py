@@ -41,6 +41,7 @@ from polytask.bench._suite import (
     _label,
     _line,
     _Map,
+    _named_entry,
     _parse_metrics,
     _parse_seeds,
     _plain,
@@ -129,16 +130,7 @@ def _method_runs(ctx: _Ctx, item: Any, line: int) -> list[tuple[str, str, dict[s
     """One ``(label, name, params)`` per grid point of a ``methods:`` entry."""
     from polytask.merge import MERGE_METHODS
 
-    if isinstance(item, str):
-        item = _Map(name=item)
-        item.line, item.lines = line, {"name": line}
-    if not isinstance(item, dict) or "name" not in item:
-        raise ctx.fail(line, "methods", f"each entry is a merge method name or a mapping with 'name', got {item!r}")
-    unknown = sorted(set(item) - set(_METHOD_KEYS))
-    if unknown:
-        raise ctx.fail(
-            _line(item, unknown[0], line), "methods", f"unknown field {unknown}; valid: {', '.join(_METHOD_KEYS)}"
-        )
+    item = _named_entry(ctx, item, "methods", line, _METHOD_KEYS, "a merge method name")
     name = str(item["name"])
     if name not in MERGE_METHODS:
         raise ctx.fail(line, "methods", f"unknown merge method '{name}'; available: {', '.join(sorted(MERGE_METHODS))}")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -190,15 +190,22 @@ def _as_list(ctx: _Ctx, doc: _Map, key: str, default: list[Any] | None = None) -
     return value
 
 
+def _named_entry(ctx: _Ctx, item: Any, key: str, line: int, fields: Sequence[str], what: str = "a name") -> _Map:
+    """A list entry given as ``name`` or as a mapping with ``name`` and some of ``fields``, as a mapping."""
+    if isinstance(item, str):
+        item = _Map(name=item)
+        item.line, item.lines = line, {"name": line}
+    if not isinstance(item, dict) or "name" not in item:
+        raise ctx.fail(line, key, f"each entry is {what} or a mapping with 'name', got {_plain(item)!r}")
+    unknown = sorted(set(item) - set(fields))
+    if unknown:
+        raise ctx.fail(_line(item, unknown[0], line), key, f"unknown field {unknown}; valid: {', '.join(fields)}")
+    return item
+
+
 def _method(ctx: _Ctx, item: Any, key: str, line: int) -> tuple[str, str | None, dict[str, Any]]:
     """``name`` or ``{name, label?, params?}`` -> (name, label, params)."""
-    if isinstance(item, str):
-        return item, None, {}
-    if not isinstance(item, dict) or "name" not in item:
-        raise ctx.fail(line, key, f"each entry is a name or a mapping with 'name', got {_plain(item)!r}")
-    unknown = sorted(set(item) - set(_METHOD_KEYS))
-    if unknown:
-        raise ctx.fail(_line(item, unknown[0], line), key, f"unknown field {unknown}; valid: {', '.join(_METHOD_KEYS)}")
+    item = _named_entry(ctx, item, key, line, _METHOD_KEYS)
     params = item.get("params") or {}
     if not isinstance(params, dict):
         raise ctx.fail(_line(item, "params", line), key, "'params' must be a mapping")
@@ -228,16 +235,7 @@ def _parse_datasets(ctx: _Ctx, doc: _Map, base_dir: Path) -> tuple[dict[str, dic
     seq = _as_list(ctx, doc, "datasets")
     for i, item in enumerate(seq):
         line = _line(seq, i)
-        if isinstance(item, str):
-            item = _Map(name=item)
-            item.line, item.lines = line, {"name": line}
-        if not isinstance(item, dict) or "name" not in item:
-            raise ctx.fail(line, "datasets", f"each entry is a name or a mapping with 'name', got {_plain(item)!r}")
-        unknown = sorted(set(item) - set(_DATA_KEYS))
-        if unknown:
-            raise ctx.fail(
-                _line(item, unknown[0], line), "datasets", f"unknown field {unknown}; valid: {', '.join(_DATA_KEYS)}"
-            )
+        item = _named_entry(ctx, item, "datasets", line, _DATA_KEYS)
         name = str(item["name"])
         if name not in DATASETS:
             path = (base_dir / name).resolve()
