@@ -82,6 +82,13 @@ def cli() -> None:
     """polytask: multi-task learning, reported against single-task baselines."""
 
 
+_DEVICE_HELP = "Where to train: auto (the GPU when torch sees one), cpu, cuda, cuda:N or mps."
+
+
+def _device_option(help_text: str = _DEVICE_HELP) -> Any:
+    return click.option("--device", default="auto", show_default=True, help=help_text)
+
+
 def _train_options(f: Any) -> Any:
     options = [
         click.option("--epochs", default=20, show_default=True, help="Maximum number of epochs."),
@@ -107,6 +114,7 @@ def _train_options(f: Any) -> Any:
         click.option("--seed", default=0, show_default=True, help="Seed of initialisation, batches and dropout."),
         click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val/test split."),
         click.option("--max-steps-per-epoch", type=int, default=None, help="Cap steps per epoch (quick runs)."),
+        _device_option(),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     for opt in reversed(options):
@@ -247,6 +255,7 @@ def fit(data: str, **kw: Any) -> None:
         progress=not quiet,
         data_options=options,
         data_seed=split_seed,
+        device=kw["device"],
     )
     if _distributed_rank() > 0:
         return  # under torchrun, rank 0 reports
@@ -260,11 +269,12 @@ def fit(data: str, **kw: Any) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.argument("data", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def evaluate(run_dir: str, data: str | None, as_json: bool) -> None:
+@_device_option("Where the model runs: auto, cpu, cuda, cuda:N or mps.")
+def evaluate(run_dir: str, data: str | None, as_json: bool, device: str) -> None:
     """Metrics of a run's best model on its own val/test splits, or on DATA."""
     from polytask.train import evaluate as evaluate_run
 
-    out, diag = evaluate_run(run_dir, data, diagnostics=True)
+    out, diag = evaluate_run(run_dir, data, diagnostics=True, device=device)
     if as_json:
         click.echo(json.dumps({"metrics": out, "diagnostics": diag}, indent=1))
         return
@@ -277,12 +287,13 @@ def evaluate(run_dir: str, data: str | None, as_json: bool) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.argument("data")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="CSV file to write.")
-def predict(run_dir: str, data: str, output: str) -> None:
+@_device_option("Where the model runs: auto, cpu, cuda, cuda:N or mps.")
+def predict(run_dir: str, data: str, output: str, device: str) -> None:
     """Per-task predictions of a run's best model for every row of DATA, written as CSV."""
     from polytask.train import predict as predict_run
     from polytask.train._checkpoint import atomic_write_text
 
-    df = predict_run(run_dir, data)
+    df = predict_run(run_dir, data, device=device)
     atomic_write_text(output, df.to_csv(index=False))
     click.echo(f"{len(df)} rows x {len(df.columns)} columns written to {output}")
 
@@ -315,6 +326,7 @@ def compare(data: str, **kw: Any) -> None:
         data_options=options,
         echo=click.echo,
         data_seed=split_seed,
+        device=kw["device"],
     )
     click.echo(res.table())
 
@@ -429,6 +441,7 @@ def merge_cmd(config: str | None, overwrite: bool, list_methods: bool, quiet: bo
 @click.option("--workers", default=1, show_default=True, help="Worker processes (0: train in this process).")
 @click.option("--threads", type=int, default=None, help="Torch threads per worker (default: cores // workers).")
 @click.option("--retry-failed", is_flag=True, help="Run failed runs again (default: keep their stored error).")
+@_device_option("Where training runs train: auto (the GPU when torch sees one), cpu, cuda, cuda:N or mps.")
 @click.option(
     "--leaderboard",
     "board_dir",
@@ -444,6 +457,7 @@ def bench_cmd(
     workers: int,
     threads: int | None,
     retry_failed: bool,
+    device: str,
     board_dir: str | None,
     markdown: str | None,
     quiet: bool,
@@ -464,7 +478,7 @@ def bench_cmd(
         board_dir = output or f"bench-{spec.name}"
         try:
             summary = run_bench(spec, board_dir, workers=workers, threads=threads, retry_failed=retry_failed,
-                                echo=None if quiet else click.echo)  # fmt: skip
+                                echo=None if quiet else click.echo, device=device)  # fmt: skip
         except KeyboardInterrupt:
             click.echo(f"interrupted: finished runs are stored in {board_dir}/bench.sqlite; rerun to resume", err=True)
             sys.exit(130)
@@ -521,6 +535,7 @@ def sweep_cmd(data: str, **kw: Any) -> None:
         data_seed=split_seed,
         seed=kw["sampler_seed"],
         echo=None if quiet else click.echo,
+        device=kw["device"],
     )
     click.echo(f"study '{res.study}': {res.n_trials} trial(s), {res.ran} run now; best trial {res.best_trial}")
     shown = {g: p for g, p in res.best_params.items() if p}

@@ -24,7 +24,7 @@ __all__ = ["GramianBalancer", "check_task_order", "clip_factor", "weights_tensor
 
 def weights_tensor(w: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """Float64 solver output as a tensor with ``like``'s dtype and device."""
-    return torch.as_tensor(w, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+    return torch.as_tensor(w, dtype=like.dtype, device=like.device)
 
 
 def clip_factor(gramian: torch.Tensor, w: torch.Tensor, max_norm: float) -> float:

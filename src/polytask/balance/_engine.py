@@ -337,8 +337,8 @@ class GradientEngine:
                 self._pass()
                 assert self._per_task is not None and self._layers is not None
                 k = self.n_tasks
-                dtype = self._stacked_losses().dtype
-                g = torch.zeros(k, k, dtype=dtype)
+                losses = self._stacked_losses()
+                g = torch.zeros(k, k, dtype=losses.dtype, device=losses.device)
                 for layer in self._layers:
                     g = g + layer.gramian()
                 for pg in self._per_task.values():
@@ -371,7 +371,8 @@ class GradientEngine:
         """Give every task-specific parameter its own task's gradient (times ``own_weights[k]``)."""
         if not self.specific:
             return
-        w = None if own_weights is None else torch.as_tensor([float(v) for v in self._vector(own_weights)])
+        device = self._stacked_losses().device
+        w = None if own_weights is None else torch.tensor([float(v) for v in self._vector(own_weights)], device=device)
         if self._specific_grads is not None:
             for p, g in zip(self.specific, self._specific_grads, strict=True):
                 # Rows of other tasks are zero, so the (weighted) row sum is the own-task gradient.
@@ -387,7 +388,8 @@ class GradientEngine:
         (scaled by ``own_weights`` when given)."""
         self._pass()
         assert self._per_task is not None and self._layers is not None
-        w = torch.as_tensor([float(v) for v in self._vector(weights)], dtype=self._stacked_losses().dtype)
+        losses = self._stacked_losses()
+        w = torch.tensor([float(v) for v in self._vector(weights)], dtype=losses.dtype, device=losses.device)
         for layer in self._layers:
             dw, db = layer.combined(w)
             _accumulate(layer.module.weight, dw)

@@ -36,7 +36,9 @@ class DynamicWeightAverage(Balancer):
         self.register_buffer("w", torch.ones(k, dtype=torch.float64))
 
     def epoch_end(self, epoch: int, train_losses: dict[str, float]) -> None:
-        current = torch.tensor([train_losses[t] for t in self.task_names], dtype=torch.float64)
+        current = torch.tensor(
+            [train_losses[t] for t in self.task_names], dtype=torch.float64, device=self.history.device
+        )
         self.history = torch.stack([self.history[1], current])
         prev2, prev1 = self.history
         if torch.isnan(prev2).any():

@@ -104,7 +104,8 @@ class _MatrixEngine(GradientEngine):
 
     def _record_own(self, own_weights: Weights | None) -> None:
         if own_weights is not None:
-            self.own_weights = torch.as_tensor([float(v) for v in self._vector(own_weights)], dtype=self._m.dtype)
+            values = [float(v) for v in self._vector(own_weights)]
+            self.own_weights = torch.as_tensor(values, dtype=self._m.dtype, device=self._m.device)
 
     def apply_shared_weights(self, weights: Weights, own_weights: Weights | None = None) -> None:
         w = torch.as_tensor([float(v) for v in self._vector(weights)], dtype=self._m.dtype, device=self._m.device)

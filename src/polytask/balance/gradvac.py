@@ -49,7 +49,7 @@ def gradvac_weights(
     for i in range(k):
         others = [j for j in range(k) if j != i]
         cg = coef[i] @ g  # inner products of g_i^PC with every original gradient
-        for idx in torch.randperm(k - 1).tolist():
+        for idx in torch.randperm(k - 1, device="cpu").tolist():
             j = others[idx]
             norm_i = math.sqrt(max(float(cg @ coef[i]), 0.0))
             if norm_i <= 0 or norms[j] <= 0:
@@ -64,7 +64,7 @@ def gradvac_weights(
                     coef[i, j] += step
                     cg = cg + step * g[j]
             phi_hat[i, j] = (1.0 - beta) * target + beta * phi
-    new_targets = torch.as_tensor(phi_hat, dtype=targets.dtype).to(targets.device)
+    new_targets = torch.as_tensor(phi_hat, dtype=targets.dtype, device=targets.device)
     return weights_tensor(coef.sum(axis=0), gramian), new_targets
 
 

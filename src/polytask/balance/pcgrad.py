@@ -33,7 +33,7 @@ def pcgrad_weights(gramian: torch.Tensor) -> torch.Tensor:
     k = g.shape[0]
     coef = np.eye(k)
     for i in range(k):
-        for j in torch.randperm(k).tolist():
+        for j in torch.randperm(k, device="cpu").tolist():
             if j == i or g[j, j] <= 0:
                 continue
             dot = float(coef[i] @ g[:, j])

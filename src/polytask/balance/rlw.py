@@ -24,7 +24,8 @@ __all__ = ["RandomLossWeighting"]
 )
 class RandomLossWeighting(Balancer):
     def backward(self, losses: dict[str, torch.Tensor], engine: GradientEngine) -> dict[str, float]:
-        w = torch.softmax(torch.randn(len(self.task_names)), dim=0)
+        # Drawn on the CPU whatever the training device: the same seed gives the same weights anywhere.
+        w = torch.softmax(torch.randn(len(self.task_names), device="cpu"), dim=0)
         weights = {t: float(v) for t, v in zip(self.task_names, w, strict=True)}
         engine.backward_weighted(weights)
         return weights

@@ -441,7 +441,8 @@ def build_finetune_pool(
     bundle = load_data(source, list(tasks) if tasks else None, seed=split_seed, **data_params)
     torch.manual_seed(seed)
     net = build_model(model, bundle.tasks, bundle.input_spec, **model_params)
-    Trainer(net, bundle, "equal", pre_cfg, run_dir=None, progress=False).fit()
+    # On the CPU: a pool is cached by its settings, so it must not depend on the machine's GPU.
+    Trainer(net, bundle, "equal", pre_cfg, run_dir=None, progress=False, device="cpu").fit()
     base = {k: v.detach().clone() for k, v in net.state_dict().items()}
     merge_keys = [k for k in _shared_keys(net) if base[k].is_floating_point()]
     if echo is not None:
@@ -454,7 +455,7 @@ def build_finetune_pool(
         torch.manual_seed(seed * 1000 + i + 1)
         single = build_model(model, one.tasks, one.input_spec, **model_params)
         _transfer(net, single, t.name)
-        Trainer(single, one, "equal", ft_cfg, run_dir=None, progress=False).fit()
+        Trainer(single, one, "equal", ft_cfg, run_dir=None, progress=False, device="cpu").fit()
         full = build_model(model, bundle.tasks, bundle.input_spec, **model_params)
         full.load_state_dict(base)
         _transfer(single, full, t.name)

@@ -15,7 +15,7 @@ from typing import Any
 from polytask.data import DataBundle
 from polytask.evaluate.gain import delta_m, delta_p
 from polytask.evaluate.tables import mean_std, metrics_table
-from polytask.train import TrainConfig, fit, load_data
+from polytask.train import TrainConfig, fit, load_data, resolve_device
 from polytask.train._checkpoint import atomic_write_text
 
 __all__ = ["CompareResult", "compare"]
@@ -82,9 +82,11 @@ def compare(
     data_options: dict[str, Any] | None = None,
     echo: Any = None,
     data_seed: int = 0,
+    device: str = "auto",
 ) -> CompareResult:
-    """Train each model for each seed; return test metrics and gains against ``single``."""
+    """Train each model for each seed on ``device``; return test metrics and gains against ``single``."""
     config = config or TrainConfig()
+    resolve_device(device)  # fail before the first model trains
     bundle = data if isinstance(data, DataBundle) else load_data(data, tasks, seed=data_seed, **(data_options or {}))
     if isinstance(data, DataBundle) and tasks:
         bundle = bundle.select_tasks(tasks)
@@ -103,6 +105,7 @@ def compare(
                 config=cfg,
                 output=out,
                 progress=progress,
+                device=device,
             )
             assert res.test is not None, "compare needs a test split"
             result.test[model][seed] = res.test

@@ -153,6 +153,7 @@ def execute_run(job: dict[str, Any]) -> dict[str, Any]:
                 output=run_dir,
                 resume=resume,
                 progress=False,
+                device=job.get("device", "auto"),
             )
         finally:
             fit_seconds = time.perf_counter() - t_fit
@@ -178,8 +179,9 @@ def execute_run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- main side
-def _job(spec: RunSpec, bench_dir: Path) -> dict[str, Any]:
+def _job(spec: RunSpec, bench_dir: Path, device: str) -> dict[str, Any]:
     return {
+        "device": device,
         "run_id": spec.run_id,
         "config": spec.config,
         "seed": spec.seed,
@@ -198,8 +200,13 @@ def run_bench(
     retry_failed: bool = False,
     echo: Callable[[str], Any] | None = None,
     on_result: Callable[[RunSpec, dict[str, Any]], Any] | None = None,
+    device: str = "auto",
 ) -> BenchSummary:
     """Run every unfinished run of ``suite`` into ``output`` (BENCH_DIR); see the module docstring.
+
+    ``device`` is where training runs train (``auto``: the GPU when torch sees one; several workers
+    then share it). It is not part of a run's identity: a bench resumed elsewhere keeps its runs.
+    Merge runs always merge on the CPU.
 
     ``on_result(spec, result)`` is called after each run is stored (e.g. to stop early by raising).
     """
@@ -207,6 +214,9 @@ def run_bench(
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     if workers < 0:
         raise ValueError(f"--workers must be >= 0, got {workers}")
+    from polytask.train import resolve_device
+
+    resolve_device(device)  # a bad --device fails here, not once per run in the workers
     bench_dir = Path(output)
     threads = threads or max(1, usable_cores() // max(workers, 1))
     bench_dir.mkdir(parents=True, exist_ok=True)
@@ -256,11 +266,11 @@ def run_bench(
                 for spec in todo:
                     t0 = time.perf_counter()
                     store.mark_running(spec.run_id)
-                    finished(spec, execute_run(_job(spec, bench_dir)), t0)
+                    finished(spec, execute_run(_job(spec, bench_dir, device)), t0)
             finally:
                 torch.set_num_threads(before)
         elif todo:
-            _run_pool(todo, bench_dir, store, workers, threads, finished)
+            _run_pool(todo, bench_dir, store, workers, threads, finished, device)
     finally:
         store.close()
     summary.seconds = time.perf_counter() - t_start
@@ -274,6 +284,7 @@ def _run_pool(
     workers: int,
     threads: int,
     finished: Callable[[RunSpec, dict[str, Any], float], None],
+    device: str,
 ) -> None:
     ctx = mp.get_context("spawn")  # fork would copy this process's torch thread pools and locks
     pending = list(todo)
@@ -289,7 +300,7 @@ def _run_pool(
             while pending and len(in_flight) < workers:
                 spec = pending.pop(0)
                 store.mark_running(spec.run_id)
-                in_flight[pool.submit(execute_run, _job(spec, bench_dir))] = (spec, time.perf_counter())
+                in_flight[pool.submit(execute_run, _job(spec, bench_dir, device))] = (spec, time.perf_counter())
             done, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)  # timeout: Ctrl-C stays live
             broken = False
             for fut in done:

@@ -198,12 +198,18 @@ def sweep(
     data_seed: int = 0,
     seed: int = 0,
     echo: Callable[[str], Any] | None = None,
+    device: str = "auto",
 ) -> SweepResult:
-    """Run the missing trials of a study (up to ``trials`` in all), then re-train the best trial."""
+    """Run the missing trials of a study (up to ``trials`` in all), then re-train the best trial.
+
+    Trials train on ``device``, which is not part of the study's identity (workers on CPU and GPU
+    machines may share one study)."""
     import optuna
 
     from polytask.evaluate import primary_score
-    from polytask.train import NonFiniteLossError, TrainConfig, fit, load_data
+    from polytask.train import NonFiniteLossError, TrainConfig, fit, load_data, resolve_device
+
+    resolve_device(device)
 
     if trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
@@ -251,6 +257,7 @@ def sweep(
             config=cfg,
             output=run_dir,
             progress=False,
+            device=device,
         )
 
     def objective(trial: Any) -> float:

@@ -64,11 +64,11 @@ class Batch:
     def __len__(self) -> int:
         return next(iter(self.x.values())).shape[0]
 
-    def to(self, device: torch.device | str) -> Batch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
-            {k: v.to(device) for k, v in self.x.items()},
-            {k: v.to(device) for k, v in self.y.items()},
-            {k: v.to(device) for k, v in self.mask.items()},
+            {k: v.to(device, non_blocking=non_blocking) for k, v in self.x.items()},
+            {k: v.to(device, non_blocking=non_blocking) for k, v in self.y.items()},
+            {k: v.to(device, non_blocking=non_blocking) for k, v in self.mask.items()},
         )
 
 

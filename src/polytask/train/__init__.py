@@ -1,6 +1,7 @@
 """Training: the loop, selection on validation, checkpoints and resume, and the run-level API."""
 
 from polytask.train._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from polytask.train._device import DEVICE_CHOICES, resolve_device
 from polytask.train._run import LoadedRun, evaluate, fit, load_data, load_run, predict
 from polytask.train._trainer import (
     FitResult,
@@ -13,6 +14,7 @@ from polytask.train._trainer import (
 
 __all__ = [
     "CheckpointError",
+    "DEVICE_CHOICES",
     "FitResult",
     "LoadedRun",
     "NonFiniteLossError",
@@ -26,5 +28,6 @@ __all__ = [
     "load_run",
     "predict",
     "predict_model",
+    "resolve_device",
     "save_checkpoint",
 ]

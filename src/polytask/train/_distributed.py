@@ -80,6 +80,8 @@ def init_from_env(device: torch.device | str = "cpu") -> DistContext | None:
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set; launch with torchrun "
             "(e.g. torchrun --nproc-per-node 2 -m polytask fit ...)"
         )
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # nccl binds the process to this GPU
     dist.init_process_group(backend=choose_backend(device))
     return current()
 

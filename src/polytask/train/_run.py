@@ -22,6 +22,7 @@ from polytask.data import DATASETS, DataBundle, InputSpec, TableEncoder, load_da
 from polytask.nn import MultiTaskModel, build_model
 from polytask.tasks import Task, TaskKind
 from polytask.train._checkpoint import CheckpointError, atomic_write_text, load_checkpoint
+from polytask.train._device import resolve_device
 from polytask.train._distributed import init_from_env
 from polytask.train._trainer import FitResult, TrainConfig, Trainer, evaluate_model, predict_model
 
@@ -77,14 +78,17 @@ def fit(
     progress: bool = True,
     data_options: dict[str, Any] | None = None,
     data_seed: int = 0,
+    device: str | torch.device | None = "auto",
 ) -> FitResult:
     """Train ``model`` on ``data`` with ``balancer``; the Python twin of ``polytask fit``.
 
     ``data_seed`` fixes the train/val/test split (kept the same across training seeds so that runs
-    with different ``config.seed`` are comparable). Under torchrun it trains data-parallel
+    with different ``config.seed`` are comparable). ``device``: ``auto`` (the GPU when torch sees
+    one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. Under torchrun it trains data-parallel
     (``docs/distributed.md``); rank 0 writes the run directory.
     """
-    ctx = init_from_env()
+    dev = resolve_device(device)  # before the process group: the device picks gloo or nccl
+    ctx = init_from_env(dev)
     config = config or TrainConfig()
     data_options = dict(data_options or {})
     bundle = load_data(data, tasks, seed=data_seed, **data_options)
@@ -110,7 +114,7 @@ def fit(
                 raise ValueError(f"cannot resume {out}: model or balancer differ from the saved run")
         if ctx is None or ctx.is_main:
             atomic_write_text(cfg_path, json.dumps(cfg_doc, indent=1))
-    trainer = Trainer(net, bundle, bal, config, output, progress=progress, run_meta=meta)
+    trainer = Trainer(net, bundle, bal, config, output, progress=progress, run_meta=meta, device=dev)
     return trainer.fit(resume=resume)
 
 
@@ -123,8 +127,8 @@ class LoadedRun:
     meta: dict[str, Any]
 
 
-def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
-    """Rebuild the model of a run from its checkpoint (``best`` by default, else ``last``)."""
+def load_run(run_dir: str | Path, which: str = "best", device: str | torch.device | None = "cpu") -> LoadedRun:
+    """Rebuild the model of a run from its checkpoint (``best`` by default, else ``last``) on ``device``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
@@ -146,7 +150,7 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} does not match its model description: {e}") from e
     encoder = TableEncoder.from_dict(meta["encoder"]) if meta.get("encoder") else None
-    net.eval()
+    net.to(resolve_device(device)).eval()
     return LoadedRun(net, tasks, spec, encoder, meta)
 
 
@@ -170,13 +174,21 @@ def _labelled_data(run: LoadedRun, data: str | Path | None) -> dict[str, DataBun
     return {name: run.encoder.transform(read_table(name))}
 
 
-def evaluate(run_dir: str | Path | LoadedRun, data: str | Path | None = None, *, diagnostics: bool = False) -> Any:
+def evaluate(
+    run_dir: str | Path | LoadedRun,
+    data: str | Path | None = None,
+    *,
+    diagnostics: bool = False,
+    device: str | torch.device | None = "auto",
+) -> Any:
     """Per-task metrics of a run's best model by split: its own val/test splits, or ``data``.
+
+    ``device`` is where the model runs (a :class:`LoadedRun` stays where it is).
 
     With ``diagnostics=True`` returns ``(metrics, diagnostics)`` where diagnostics holds the
     architecture's statistics (e.g. expert usage per task) gathered on each split.
     """
-    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, device=device)
     metrics, diags = {}, {}
     for split, tensors in _labelled_data(run, data).items():
         run.model.reset_diagnostics()
@@ -187,13 +199,13 @@ def evaluate(run_dir: str | Path | LoadedRun, data: str | Path | None = None, *,
     return (metrics, diags) if diagnostics else metrics
 
 
-def predict(run_dir: str | Path, data: str | Path) -> pd.DataFrame:
+def predict(run_dir: str | Path, data: str | Path, *, device: str | torch.device | None = "auto") -> pd.DataFrame:
     """Per-task predictions for every row of ``data`` (a table file, or a built-in set's test split).
 
     Columns: binary ``T`` (positive-class probability) and ``T:label``; multiclass ``T:label`` and
     ``T:p[CLASS]``; multilabel ``T:p[LABEL]``; regression ``T`` in original units.
     """
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=device)
     name = str(data)
     if name in DATASETS:
         bundle = load_dataset(name, seed=run.meta["data_source"]["seed"])

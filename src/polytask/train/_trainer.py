@@ -11,6 +11,11 @@ For balancers that form the task-gradient Gramian or Jacobian anyway, each epoch
 the mean task-gradient cosine-similarity matrix (``grad_cosine``) and gradient norms (``grad_norm``),
 read from what the engine already computed. Under ``torchrun`` the trainer runs data-parallel
 (:mod:`polytask.train._distributed`): rank 0 alone evaluates, logs and writes checkpoints.
+
+The model and balancer live on the trainer's device (``auto``: the GPU when there is one); the
+splits stay in host memory and each mini-batch is copied over when it is drawn, so a table larger
+than the GPU's memory still trains. Checkpoints always hold CPU tensors, so a run trained on a GPU
+resumes, evaluates and predicts on a CPU-only machine and the other way round.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from polytask.nn._base import MultiTaskModel
 from polytask.tasks import Task
 from polytask.train import _distributed
 from polytask.train._checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from polytask.train._device import resolve_device
 
 __all__ = ["FitResult", "NonFiniteLossError", "TrainConfig", "Trainer", "evaluate_model", "predict_model"]
 
@@ -109,19 +115,29 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]
     return f
 
 
+def _model_device(model: Any) -> torch.device:
+    """Where ``model``'s parameters live (CPU for models without any, e.g. tree ensembles)."""
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    first = next(iter(params), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict_model(model: MultiTaskModel, x: dict[str, torch.Tensor], batch_size: int = 4096) -> dict[str, torch.Tensor]:
-    """Raw model outputs for all rows of ``x`` (eval mode, batched)."""
+    """Raw model outputs for all rows of ``x`` (eval mode, batched), as CPU tensors.
+
+    Each chunk of ``x`` is moved to the model's device, so the inputs may stay in host memory."""
     was_training = model.training
     model.eval()
+    device = _model_device(model)
     n = next(iter(x.values())).shape[0]
     outs: dict[str, list[torch.Tensor]] = {t: [] for t in model.task_names}
     for start in range(0, n, batch_size):
-        part = model({k: v[start : start + batch_size] for k, v in x.items()})
+        part = model({k: v[start : start + batch_size].to(device, non_blocking=True) for k, v in x.items()})
         for t in outs:
-            outs[t].append(part[t])
+            outs[t].append(part[t].cpu())
     model.train(was_training)
-    return {t: torch.cat(v) if v else torch.empty(0) for t, v in outs.items()}
+    return {t: torch.cat(v) if v else torch.empty(0, device="cpu") for t, v in outs.items()}
 
 
 def evaluate_model(
@@ -180,6 +196,9 @@ class Trainer:
         progress: show a progress bar when stderr is a terminal.
         run_meta: extra JSON-serialisable facts saved with the checkpoint (data source, model
             name and parameters, ...), needed to rebuild the model for ``evaluate``/``predict``.
+        device: ``auto`` (the GPU when torch sees one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+            The model and balancer are moved there (in place); the training device is not a
+            training setting: a run may resume on another device.
 
     Under torchrun, or whenever a ``torch.distributed`` process group with several processes is
     initialised, training is data-parallel: ``config.batch_size`` is the global batch, split across
@@ -195,13 +214,18 @@ class Trainer:
         run_dir: Path | str | None = None,
         progress: bool = True,
         run_meta: dict[str, Any] | None = None,
+        device: str | torch.device | None = "auto",
     ) -> None:
-        self.model = model
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # nccl and DDP bind each process to its own GPU
+        self.model = model.to(self.device)
         self.data = data
         self.tasks = list(data.tasks)
         if [t.name for t in self.tasks] != model.task_names:
             raise ValueError(f"model tasks {model.task_names} differ from data tasks {[t.name for t in self.tasks]}")
         self.balancer = build_balancer(balancer, self.tasks) if isinstance(balancer, str) else balancer
+        self.balancer.to(self.device)
         self.config = config or TrainConfig()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
@@ -233,7 +257,7 @@ class Trainer:
         self.bad_epochs = 0
         self._reset_grad_stats()
         # Under torchrun (WORLD_SIZE > 1) this joins the process group if nobody has yet.
-        self.dist = _distributed.init_from_env()
+        self.dist = _distributed.init_from_env(self.device)
         self.ddp: DistributedDataParallel | None = None
         if self.dist is not None:
             if self.balancer.level == "representation" or isinstance(self.balancer, FMTL):
@@ -243,7 +267,8 @@ class Trainer:
                     "gradient-level balancer (see polytask balancers), or train in one process"
                 )
             # Unused parameters (e.g. gated-off experts) must not stall DDP's reduction.
-            self.ddp = DistributedDataParallel(model, find_unused_parameters=True)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     @property
     def is_main(self) -> bool:
@@ -299,6 +324,8 @@ class Trainer:
         tensors.update(opt_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.sampler"] = self.sampler.get_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         meta = self._meta()
         meta["trainer_state"] = {
             "epoch": self.epoch,
@@ -334,11 +361,15 @@ class Trainer:
             raise ValueError(f"cannot resume {self.run_dir}: training settings differ from the saved run in {diff}")
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.balancer.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("balancer.")})
+        # A balancer may re-create a buffer from the (CPU) checkpoint tensor when its shape changed.
+        self.balancer.to(self.device)
         st = meta["trainer_state"]
         self._load_optimizer(tensors, st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         self.sampler.set_state(tensors["rng.sampler"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.epoch = int(st["epoch"])
         self.history = list(st["history"])
         self.best_score = {k: float(v) for k, v in st["best_score"].items()}
@@ -362,6 +393,8 @@ class Trainer:
 
         Returns the (detached) task losses and the weights the balancer applied.
         """
+        if self.device.type != "cpu":
+            batch = batch.to(self.device, non_blocking=True)
         ddp_sync = self.ddp is not None and self.balancer.level == "loss"
         if self.balancer.level == "gradient":
             # Record shared linear layers so the engine can build Gramians layer by layer. Under DDP
@@ -456,8 +489,8 @@ class Trainer:
         data = self.data.train
         n = len(data)
         self.model.train()
-        perm = torch.randperm(n, generator=self.sampler)
-        loss_sum = {t.name: torch.zeros(()) for t in self.tasks}
+        perm = torch.randperm(n, generator=self.sampler, device="cpu")  # indexes the host-side split
+        loss_sum = {t.name: torch.zeros((), device=self.device) for t in self.tasks}
         weight_sum: dict[str, float] = {t.name: 0.0 for t in self.tasks}
         handle = bar.epoch(self.epoch + 1, self.steps_per_epoch)
         steps = 0
@@ -557,7 +590,7 @@ class Trainer:
         """Rank 0's early-stopping counter to every rank (after its checkpoint is written)."""
         if self.dist is None:
             return
-        t = torch.tensor([self.bad_epochs], dtype=torch.int64)
+        t = torch.tensor([self.bad_epochs], dtype=torch.int64, device=self.device)  # nccl: a GPU tensor
         dist.broadcast(t, src=0)
         self.bad_epochs = int(t)
 
@@ -602,6 +635,8 @@ class Trainer:
                 "best_epoch": best,
                 "epochs_run": self.epoch,
                 "seconds_per_epoch": spe,
+                "device": str(self.device),
+                "world_size": 1 if self.dist is None else self.dist.world_size,
                 "val": val,
                 "test": test,
                 **self.run_meta,

@@ -352,11 +352,11 @@ class ControllableMTL(MultiTaskModel):
             if self.sandwich and i == 0:
                 out.append(self.smallest_config)
             elif self._pool is not None:
-                out.append(dict(self._pool[int(torch.randint(len(self._pool), ()))]))
+                out.append(dict(self._pool[int(torch.randint(len(self._pool), (), device="cpu"))]))
             else:
                 full = self.full_config
                 while True:  # uniform over the configurations other than the full one
-                    idx = torch.randint(len(self.widths), (len(self.config_keys),)).tolist()
+                    idx = torch.randint(len(self.widths), (len(self.config_keys),), device="cpu").tolist()
                     cfg = {k: self.widths[j] for k, j in zip(self.config_keys, idx, strict=True)}
                     if cfg != full:
                         break

@@ -168,7 +168,7 @@ class CrossStitch(MultiTaskModel):
         self, x: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         hs = [column.stem(x) for column in self.columns]
-        stitched = torch.empty(0)
+        stitched = torch.empty(0, device=hs[0].device)
         for i, unit in enumerate(self.stitches):
             stitched = unit(torch.stack([column.stages[i](h) for column, h in zip(self.columns, hs, strict=True)], 1))
             hs = list(stitched.unbind(1))
