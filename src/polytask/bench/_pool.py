@@ -225,7 +225,14 @@ class CheckpointPool(Pool):
 
 # ----------------------------------------------------------------------------- GLUE (MiniLM) cache
 class GluePool(Pool):
-    """MiniLM fine-tuned per GLUE task, in the cache layout of ``benchmarks/merge_glue.py``."""
+    """A text encoder fine-tuned per GLUE task, in the cache layout of ``benchmarks/merge_glue.py``:
+    ``FOLDER/<task>/encoder.safetensors`` (the fine-tuned encoder), ``head-<task>.safetensors`` and
+    optionally ``result.json`` (``train_rows``, checked against these settings' split).
+
+    ``encoder_path`` is the Hugging Face folder of the encoder the fine-tunes started from (default:
+    the installed all-MiniLM-L6-v2) and ``data_root`` the folder holding ``glue/`` (default:
+    ``POLYTASK_DATA``).
+    """
 
     def __init__(
         self,
@@ -237,13 +244,15 @@ class GluePool(Pool):
         max_dev: int | None,
         max_length: int,
         seed: int,
+        encoder_path: str | Path | None = None,
+        data_root: str | Path | None = None,
     ) -> None:
         from polytask.data.glue import glue_bundle
         from polytask.nn.heads import TaskHead
         from polytask.nn.text import load_text_encoder
 
         self.folder = Path(folder)
-        encoder, tokenizer = load_text_encoder()
+        encoder, tokenizer = load_text_encoder(encoder_path)
         self.encoder = encoder.eval()
         # the same splits (and STS-B standardisation) as the fine-tuning run that made the folder
         self.bundle = glue_bundle(
@@ -254,6 +263,7 @@ class GluePool(Pool):
             max_dev=max_dev,
             max_length=max_length,
             seed=seed,
+            root=data_root,
         )
         self.tasks = list(self.bundle.tasks)
         self.base = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
@@ -576,10 +586,16 @@ def _glue_root(path: str | None) -> Path:
     max_dev=None,
     max_length=128,
     seed=0,
+    encoder=None,
+    data_root=None,
 )
-def _glue_pool(path: str | None, tasks: Sequence[str], **settings: Any) -> Pool:
-    """``max_train``, ``val_size``, ``max_length``, ``seed``: those merge_glue.py fine-tuned with (its defaults)."""
-    return GluePool(_glue_root(path), list(tasks), **settings)
+def _glue_pool(
+    path: str | None, tasks: Sequence[str], encoder: str | None, data_root: str | None, **settings: Any
+) -> Pool:
+    """``max_train``, ``val_size``, ``max_length``, ``seed``: those merge_glue.py fine-tuned with (its
+    defaults); ``encoder``: the base encoder's Hugging Face folder (default MiniLM); ``data_root``: the
+    folder holding ``glue/`` (default ``POLYTASK_DATA``)."""
+    return GluePool(_glue_root(path), list(tasks), encoder_path=encoder, data_root=data_root, **settings)
 
 
 def open_pool(spec: Mapping[str, Any], base_dir: Path | None = None) -> Pool:
