@@ -182,7 +182,7 @@ DATA_DRIVEN_PARAMS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "atlas": [("atlas (supervised)", {})],
     "twin-merging": [("twin-merging", {})],
     # mask logits start at 1 (p = 0.73) with lr 0.1 so that 20 steps can move them across 0
-    "concrete": [("concrete (task arithmetic)", {"init_logit": 1.0, "lr": 0.1})],
+    "concrete": [("concrete (task arithmetic)", {"init_logit": 1.0, "lr": 0.1, "eval_mask": "discrete"})],
     "map": [("map (uniform preference)", {})],
 }
 

@@ -239,7 +239,7 @@ def test_atlas_learns_one_coefficient_per_block_and_the_loss_decreases() -> None
 @pytest.mark.parametrize("over", ["task_arithmetic", "adamerging"])
 def test_concrete_mask_is_in_unit_interval_and_sparsifies(over: str) -> None:
     base, models, data = _pool(3, labels=False)
-    kwargs = {"over": over, "init_logit": 1.0, "lr": 0.1, "steps": 40}
+    kwargs = {"over": over, "init_logit": 1.0, "lr": 0.1, "steps": 40, "eval_mask": "discrete"}
     merged, probs, lam, _ = concrete_mask(base, models, data, sparsity=5.0, **kwargs)
     _, dense_probs, _, _ = concrete_mask(base, models, data, sparsity=0.0, **kwargs)
     flat = torch.cat([p.flatten() for p in probs.values()])
@@ -253,6 +253,27 @@ def test_concrete_mask_is_in_unit_interval_and_sparsifies(over: str) -> None:
         torch.testing.assert_close(merged[key][~off], ta[~off], atol=1e-5, rtol=1e-5)
     if over == "task_arithmetic":
         assert torch.all(lam == 0.3)
+    # the continuous mask (the default) scales each entry of the task vectors by its probability
+    soft, soft_probs, soft_lam, _ = concrete_mask(
+        base, models, data, sparsity=5.0, **{**kwargs, "eval_mask": "continuous"}
+    )
+    for key, p in soft_probs.items():
+        torch.testing.assert_close(p, probs[key])  # same seed, same training: the same mask
+        want = base[key] + sum(soft_lam[k, 0] * p * (models[k][key] - base[key]) for k in range(3))
+        torch.testing.assert_close(soft[key], want, atol=1e-5, rtol=1e-5)
+
+
+def test_concrete_defaults_leave_task_arithmetic() -> None:
+    """From logits 0 the mask starts at 1/2 and moves: neither the hard all-ones mask nor plain TA."""
+    base, models, data = _pool(3, labels=False)
+    merged, probs, _, history = concrete_mask(base, models, data, steps=60, lr=5e-2)
+    flat = torch.cat([p.flatten() for p in probs.values()])
+    assert 0.05 < float(flat.std()) and float(flat.min()) < 0.45 < 0.55 < float(flat.max())
+    assert np.mean(history[-10:]) < np.mean(history[:10])  # the entropy objective went down
+    ta = merge_state_dicts("task-arithmetic", base, models, lam=0.3)
+    assert any(not torch.allclose(merged[k], ta[k], atol=1e-4) for k in base)
+    with pytest.raises(ValueError, match=r"eval_mask must be one of continuous, discrete, got 'hard'"):
+        concrete_mask(base, models, data, steps=1, eval_mask="hard")
 
 
 # ----------------------------------------------------------------------------- Twin-Merging

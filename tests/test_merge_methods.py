@@ -11,7 +11,7 @@ from polytask.merge import DATA_DRIVEN, MERGE_METHODS, merge_state_dicts
 from polytask.merge import _select as select
 from polytask.merge.breadcrumbs import breadcrumbs_mask
 from polytask.merge.consensus import consensus_count
-from polytask.merge.lines import lines_scale
+from polytask.merge.lines import lines_scale, prefix_depth
 from polytask.merge.pcb import CLAMP
 
 
@@ -161,6 +161,29 @@ def test_lines_scaling_per_depth() -> None:
     # on TIES: with one model and density 1, TIES' vector is the task vector itself
     ties = merge_state_dicts("lines", base, models, alpha=0.2, beta=0.6, on="ties", density=1.0)
     torch.testing.assert_close(ties["encoder.layer.1.w"], torch.full((3,), 0.5))
+
+
+def test_lines_depth_from_named_layers() -> None:
+    # a small CNN: no block index in the names, so depth comes from the layers given, shallowest first
+    names = ["trunk.conv1.weight", "trunk.conv1.bias", "trunk.conv2.weight", "trunk.fc.weight", "norm.weight"]
+    base = {n: torch.zeros(2) for n in names}
+    models = [{n: torch.ones(2) for n in names}]
+    layers = ["trunk.conv1", "trunk.conv2", "trunk.fc"]
+    out = merge_state_dicts("lines", base, models, alpha=0.1, beta=0.8, layers=layers)
+    for n, s in zip(names, [0.1, 0.1, 0.5, 0.9, 0.1], strict=True):
+        torch.testing.assert_close(out[n], torch.full((2,), s))
+    # without layers every tensor is unindexed: plain task arithmetic at alpha
+    flat = merge_state_dicts("lines", base, models, alpha=0.1, beta=0.8)
+    assert all(torch.allclose(flat[n], torch.full((2,), 0.1)) for n in names)
+    # the longest prefix wins, and names given as layers override the integer in "towers.0"
+    assert prefix_depth("trunk.fc.weight", ["trunk", "trunk.fc"]) == 1
+    assert prefix_depth("trunk.fcx.weight", ["trunk.fc"]) is None
+    with pytest.raises(ValueError, match=r"layers entry 'trunk.fc2' matches no tensor of the models \(their names"):
+        merge_state_dicts("lines", base, models, layers=["trunk.conv1", "trunk.fc2"])
+    with pytest.raises(ValueError, match=r"layers must be a list of tensor-name prefixes, shallowest first"):
+        merge_state_dicts("lines", base, models, layers="trunk.fc")
+    with pytest.raises(ValueError, match=r"layers names a prefix twice"):
+        merge_state_dicts("lines", base, models, layers=["trunk.fc", "trunk.fc"])
 
 
 def _pcb_dense(base: dict, models: list[dict], ratio: float, lam: float) -> dict[str, torch.Tensor]:

@@ -189,7 +189,10 @@ def _run_data_free(
     stats = None
     if hooks is not None and hooks.statistics is not None:
         numel = sum(math.prod(plan.shapes[c.name]) for c in plan.contexts())
-        stats = hooks.statistics(lambda: _stream(plan, base, models), n_models=len(models), numel=numel, **params)
+        names = [c.name for c in plan.contexts()]
+        stats = hooks.statistics(
+            lambda: _stream(plan, base, models), n_models=len(models), numel=numel, names=names, **params
+        )
     contexts = {c.name: c for c in plan.contexts()}
     bar = _progress(len(plan.names), progress)
     try:

@@ -9,8 +9,12 @@ Concrete AM). The mask is Bernoulli with logits ``s``; during training it is sam
 Concrete (Gumbel-sigmoid) relaxation ``m = sigmoid((s + log u - log(1 - u)) / temperature)``,
 ``u ~ U(0, 1)``, so it is differentiable in ``s``, and ``s`` is trained to minimise the tasks'
 prediction entropy on unlabelled inputs, plus ``sparsity`` times the mean mask probability (a
-penalty that drives the mask towards a smaller subspace). The returned model uses the hard mask
-``sigmoid(s) > 0.5``; entries with ``m = 0`` keep the base's weight.
+penalty that drives the mask towards a smaller subspace). The returned model applies the mask's
+probabilities ``sigmoid(s)`` (``eval_mask="continuous"``) or the hard mask ``sigmoid(s) > 0.5``
+(``"discrete"``: entries with ``m = 0`` keep the base's weight). Defaults follow FusionBench's
+configuration of the method (logits from 0, Adam at 1e-3 for 1,000 steps, continuous mask); with
+few steps, start the logits at 0 or raise ``lr``: from a large ``init_logit`` the hard mask stays
+all ones and the result is task arithmetic.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from polytask.merge._registry import register_merge
 __all__ = ["concrete", "concrete_mask"]
 
 _OVER = ("task_arithmetic", "adamerging")
+_EVAL = ("continuous", "discrete")
 
 
 def concrete_mask(
@@ -34,11 +39,12 @@ def concrete_mask(
     over: str = "task_arithmetic",
     lam: float = 0.3,
     temperature: float = 0.5,
-    init_logit: float = 3.0,
+    init_logit: float = 0.0,
     sparsity: float = 0.0,
-    lr: float = 1e-2,
-    steps: int = 50,
+    lr: float = 1e-3,
+    steps: int = 1000,
     seed: int = 0,
+    eval_mask: str = "continuous",
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, list[float]]:
     """(merged state dict, mask probabilities ``sigmoid(s)`` per tensor, coefficients, objective per step)."""
     data = check_models(base, models, data, "concrete")
@@ -46,6 +52,8 @@ def concrete_mask(
         raise ValueError(f"merge method 'concrete': over must be one of {', '.join(_OVER)}, got '{over}'")
     if not temperature > 0:
         raise ValueError(f"merge method 'concrete': temperature must be positive, got {temperature}")
+    if eval_mask not in _EVAL:
+        raise ValueError(f"merge method 'concrete': eval_mask must be one of {', '.join(_EVAL)}, got '{eval_mask}'")
     check_objective(data, "entropy", "concrete")
     tv = TaskVectors(base, models)
     blocks = tv.block_index("task")
@@ -74,8 +82,8 @@ def concrete_mask(
     )
     with torch.no_grad():
         probs = {k: torch.sigmoid(s) for k, s in logits.items()}
-        hard = {k: (p > 0.5).float() for k, p in probs.items()}
-        merged = tv.finish(tv.combine(coef, blocks, hard))
+        mask = probs if eval_mask == "continuous" else {k: (p > 0.5).float() for k, p in probs.items()}
+        merged = tv.finish(tv.combine(coef, blocks, mask))
     return merged, probs, coef.detach().clone(), history
 
 
@@ -89,11 +97,12 @@ def concrete_mask(
     over="task_arithmetic",
     lam=0.3,
     temperature=0.5,
-    init_logit=3.0,
+    init_logit=0.0,
     sparsity=0.0,
-    lr=1e-2,
-    steps=50,
+    lr=1e-3,
+    steps=1000,
     seed=0,
+    eval_mask="continuous",
 )
 def concrete(
     base: dict[str, torch.Tensor],
@@ -103,11 +112,12 @@ def concrete(
     over: str = "task_arithmetic",
     lam: float = 0.3,
     temperature: float = 0.5,
-    init_logit: float = 3.0,
+    init_logit: float = 0.0,
     sparsity: float = 0.0,
-    lr: float = 1e-2,
-    steps: int = 50,
+    lr: float = 1e-3,
+    steps: int = 1000,
     seed: int = 0,
+    eval_mask: str = "continuous",
 ) -> dict[str, torch.Tensor]:
     """``over``: ``"task_arithmetic"`` (fixed ``lam``) or ``"adamerging"`` (learned task-wise, from ``lam``)."""
     data = check_models(base, models, data, "concrete")
@@ -123,4 +133,5 @@ def concrete(
         lr=lr,
         steps=steps,
         seed=seed,
+        eval_mask=eval_mask,
     )[0]

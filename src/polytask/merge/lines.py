@@ -10,8 +10,11 @@ scaled per layer ``l`` of ``L`` by ``lam(l) = alpha + beta * l / (L - 1)``:
 
 Depth is read from parameter names: the first dotted component that is an integer
 (``encoder.layer.3.…`` -> 3, ``model.layers.10.…`` -> 10, ``transformer.h.2.…`` -> 2), and ``L`` is
-one more than the largest such index. Parameters without one (embeddings, final norms, heads) get
-``alpha`` with ``unindexed="first"`` (default: treated as shallowest) or ``alpha + beta`` with
+one more than the largest such index. Models whose names carry no block index (a small CNN:
+``trunk.conv1``, ``trunk.conv2``, ``trunk.fc``), or carry one that is not depth, name their layers
+with ``layers``: name prefixes from shallowest to deepest (the longest matching prefix gives a
+tensor's depth, ``L`` is their number). Parameters without a depth (embeddings, final norms, heads)
+get ``alpha`` with ``unindexed="first"`` (default: treated as shallowest) or ``alpha + beta`` with
 ``unindexed="last"``. The paper tunes ``alpha`` and ``beta`` on validation data; the defaults here
 are only a starting point.
 """
@@ -29,7 +32,7 @@ from polytask.merge.task_arithmetic import task_vector_sum
 from polytask.merge.ties import TOPK_SCOPES, ties_tensor
 from polytask.merge.ties import _stats as _ties_stats
 
-__all__ = ["ON", "lines", "lines_scale"]
+__all__ = ["ON", "lines", "lines_scale", "prefix_depth"]
 
 ON = ("task-arithmetic", "ties")
 UNINDEXED = ("first", "last")
@@ -42,6 +45,15 @@ def lines_scale(layer: int | None, n_layers: int, alpha: float, beta: float, uni
     return alpha if n_layers <= 1 else alpha + beta * layer / (n_layers - 1)
 
 
+def prefix_depth(name: str, layers: list[str]) -> int | None:
+    """Index in ``layers`` of the longest prefix that ``name`` starts with (on a dot boundary)."""
+    best, depth = -1, None
+    for i, prefix in enumerate(layers):
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, depth = len(prefix), i
+    return depth
+
+
 def _check(p: dict[str, Any], n_models: int) -> None:
     check_real("lines", p["alpha"], "alpha")
     check_real("lines", p["beta"], "beta")
@@ -50,9 +62,25 @@ def _check(p: dict[str, Any], n_models: int) -> None:
     for key, allowed in (("on", ON), ("unindexed", UNINDEXED), ("topk", TOPK_SCOPES)):
         if p[key] not in allowed:
             raise ValueError(f"merge method 'lines': {key}='{p[key]}' is not one of {', '.join(allowed)}")
+    layers = p["layers"]
+    if layers is not None:
+        if isinstance(layers, str) or not all(isinstance(v, str) and v for v in layers) or not layers:
+            raise ValueError(
+                f"merge method 'lines': layers must be a list of tensor-name prefixes, shallowest first, got {layers!r}"
+            )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"merge method 'lines': layers names a prefix twice: {list(layers)}")
+        p["layers"] = list(layers)
 
 
-def _stats(stream: Any, **p: Any) -> Any:
+def _stats(stream: Any, *, names: list[str], **p: Any) -> Any:
+    for prefix in p["layers"] or ():
+        if not any(prefix_depth(n, [prefix]) is not None for n in names):
+            shown = ", ".join(f"'{n}'" for n in names[:3])
+            raise ValueError(
+                f"merge method 'lines': layers entry '{prefix}' matches no tensor of the models "
+                f"(their names look like {shown}, ...)"
+            )
     return _ties_stats(stream, **p) if p["on"] == "ties" else None
 
 
@@ -69,6 +97,7 @@ def _stats(stream: Any, **p: Any) -> Any:
     density=0.2,
     topk="model",
     weights=None,
+    layers=None,
 )
 def lines(
     base: torch.Tensor,
@@ -82,8 +111,12 @@ def lines(
     density: float,
     topk: str,
     weights: list[float] | None,
+    layers: list[str] | None,
 ) -> torch.Tensor:
-    scale = lines_scale(ctx.layer, ctx.n_layers, alpha, beta, unindexed)
+    if layers is None:
+        scale = lines_scale(ctx.layer, ctx.n_layers, alpha, beta, unindexed)
+    else:
+        scale = lines_scale(prefix_depth(ctx.name, layers), len(layers), alpha, beta, unindexed)
     if on == "ties":
         tau = ties_tensor(base, models, density, ctx.stats, weights, 1.0).sub_(base)
     else:
