@@ -472,11 +472,18 @@ def _markdown(doc: dict[str, Any]) -> str:
     lines += _why_ties(ok)
     peers = doc["peers"]
     load = doc["load_average_1min"]
-    lines += [
-        "",
+    busy = max(load["start"], load["end"]) > 1.5  # one benchmark child keeps one of the 2 cores busy
+    load_line = (
         f"Load: the 2 cores were shared with other jobs (1-minute load average {load['start']:.1f} at the start, "
         f"{load['end']:.1f} at the end), so absolute times are inflated; the ratios compare tools measured "
-        "interleaved in the same run.",
+        "interleaved in the same run."
+        if busy
+        else f"Load: no other job ran (1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} "
+        "at the end: the benchmark's own child process)."
+    )
+    lines += [
+        "",
+        load_line,
         "",
         "Differences between outputs come from how many entries TIES keeps when `density * n` is not an integer: "
         "FusionBench keeps `int(density * n) + 1` per task vector (its threshold is the `(n - int(density * n))`-th "
