@@ -110,7 +110,8 @@ def fit(
         cfg_path = out / "config.json"
         if resume and cfg_path.exists():
             saved = json.loads(cfg_path.read_text())
-            if saved.get("model") != meta["model"] or saved.get("balancer") != meta["balancer"]:
+            now = json.loads(json.dumps({"model": meta["model"], "balancer": meta["balancer"]}))  # tuples -> lists
+            if saved.get("model") != now["model"] or saved.get("balancer") != now["balancer"]:
                 raise ValueError(f"cannot resume {out}: model or balancer differ from the saved run")
         if ctx is None or ctx.is_main:
             atomic_write_text(cfg_path, json.dumps(cfg_doc, indent=1))
