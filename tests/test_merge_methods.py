@@ -245,6 +245,13 @@ def test_exact_kth_largest_all_paths(monkeypatch: pytest.MonkeyPatch) -> None:
         assert float(select.kth_largest(x.abs(), k)) == float(ref_abs[k - 1])
         got = select.kth_largest_stream(stream, x.numel(), [k, k])
         assert got == [float(ref[k - 1]), float(ref_abs[k - 1])]
+    # float64 values, and values with many exact ties at the threshold (the bracket's edges are sampled
+    # values, compared in the values' own dtype)
+    for v in (x.double() * 1e-3, (x * 8).round() / 8):
+        srt = v.abs().sort(descending=True).values
+        for k in (17, 123_456, 250_000):
+            one = [(v.numel(), lambda idx, v=v: [v.abs() if idx is None else v[idx].abs()])]
+            assert select.kth_largest_stream(lambda one=one: one, v.numel(), [k]) == [float(srt[k - 1])]
     # a bracket too narrow to hold the answer: the exact fallbacks (kthvalue, radix select) take over
     monkeypatch.setattr(select, "_Z", -50.0)
     calls = []
