@@ -144,7 +144,12 @@ def test_every_balancer_places_its_tensors_on_the_training_device(name: str) -> 
 
 
 def test_every_architecture_is_audited() -> None:
-    assert sorted(MODELS) == sorted([*SMALL, *FUNNEL_MODELS])
+    # "text" (a Hugging Face encoder from a folder) is audited in test_text_cli.py
+    assert sorted(MODELS) == sorted([*SMALL, *FUNNEL_MODELS, "text"])
+    assert (
+        "def test_text_model_places_its_tensors_on_the_training_device"
+        in (Path(__file__).parent / "test_text_cli.py").read_text()
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

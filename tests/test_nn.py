@@ -75,7 +75,7 @@ ONLY = {
 }
 #: Models whose tasks must be a conversion funnel (binary steps): the generic b/m/r tasks do not
 #: apply; their contract tests live in the named file.
-ELSEWHERE = {"esmm": "test_nn_funnel.py", "aitm": "test_nn_funnel.py"}
+ELSEWHERE = {"esmm": "test_nn_funnel.py", "aitm": "test_nn_funnel.py", "text": "test_text_cli.py"}
 GATED = ["mmoe", "cgc", "ple"]
 N = 6
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from polytask.data import census, vision
 from polytask.data import funnel as funnel  # registers funnel-synthetic
+from polytask.data import glue as glue  # registers glue (text; needs transformers when loaded)
 from polytask.data import heterogeneous as heterogeneous  # registers hetero-vision
 from polytask.data import mtl_regression as mtl_regression  # registers school, computer, landmine, abalone
 from polytask.data import synthetic_outliers as synthetic_outliers  # registers synthetic-outliers

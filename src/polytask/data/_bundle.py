@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from polytask.data._tensors import InputSpec, TaskTensors
 from polytask.tasks import Task
 
@@ -48,6 +50,27 @@ class DataBundle:
             if t.name == name:
                 return t
         raise KeyError(f"unknown task '{name}'; this data set has {[t.name for t in self.tasks]}")
+
+    def labelled_rows_only(self) -> DataBundle:
+        """The same bundle without the rows that carry no label of its tasks (after :meth:`select_tasks`
+        on task-column data such as GLUE, the other tasks' rows), so no step is spent on them."""
+
+        def keep(split: Any) -> Any:
+            if split is None or not split.mask:
+                return split
+            rows = torch.stack(list(split.mask.values())).any(0)
+            return split if bool(rows.all()) else split.subset(torch.nonzero(rows).flatten())
+
+        return DataBundle(
+            self.name,
+            self.tasks,
+            self.input_spec,
+            keep(self.train),
+            keep(self.val),
+            keep(self.test),
+            self.encoder,
+            dict(self.meta),
+        )
 
     def select_tasks(self, names: list[str]) -> DataBundle:
         tasks = [self.task(n) for n in names]

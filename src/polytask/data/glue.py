@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from polytask.data._bundle import DataBundle
+from polytask.data._bundle import DataBundle, register_dataset
 from polytask.data._datadir import data_dir, resolve
+from polytask.data._hf import load_tokenizer
 from polytask.data._tensors import InputSpec, TaskTensors
 from polytask.tasks import Task, TaskKind
 
@@ -276,3 +277,31 @@ def glue_bundle(
     spec = InputSpec(kind="text")
     meta = {"max_train": max_train, "val_size": val_size, "max_length": max_length, "seed": seed}
     return DataBundle("glue", task_objs, spec, *splits, meta=meta)
+
+
+@register_dataset(
+    "glue",
+    "GLUE: CoLA, SST-2, MRPC, RTE, STS-B in one task-column set (dev as the test split); text",
+    "Wang et al., ICLR 2019; glue/ in the data mirror; tokenized with all-MiniLM-L6-v2's tokenizer by default",
+)
+def glue(
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    max_train: int | None = 4000,
+    val_size: int = 200,
+    max_dev: int | None = None,
+    max_length: int = 128,
+) -> DataBundle:
+    """All five tasks (select some with ``--task``); ``tokenizer``: a Hugging Face folder (default:
+    the installed all-MiniLM-L6-v2's, offline), which must match the model's encoder."""
+    return glue_bundle(
+        load_tokenizer(tokenizer),
+        tuple(GLUE_TASKS),
+        max_train=max_train,
+        val_size=val_size,
+        max_dev=max_dev,
+        max_length=max_length,
+        seed=seed,
+        root=data_dir,
+    )

@@ -20,6 +20,7 @@ from polytask.nn.encoders import (
     make_stem,
 )
 from polytask.nn.heads import SoftmaxGate, TaskHead
+from polytask.nn.text import TextEncoderModel, TextMultiTaskModel  # registers 'text'
 
 __all__ = [
     "CGC",
@@ -36,6 +37,8 @@ __all__ = [
     "SoftmaxGate",
     "TabularEmbedding",
     "TaskHead",
+    "TextEncoderModel",
+    "TextMultiTaskModel",
     "auto_embedding_dim",
     "build_model",
     "gate_input",

