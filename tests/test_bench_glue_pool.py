@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import BertModel, BertTokenizer
 
 from polytask.bench import leaderboard, run_bench
 from polytask.bench._pool import GluePool, open_pool
@@ -24,7 +24,7 @@ from polytask.data.glue import glue_bundle
 from polytask.evaluate.metrics import compute_metrics, glue_score
 from polytask.merge import merge_state_dicts
 from polytask.nn.heads import TaskHead
-from test_text import FILES, WORDS
+from test_text import save_tiny_bert, write_glue_files, write_vocab
 
 TASKS = ["sst2", "stsb"]  # one classification, one regression task
 SETTINGS = {"max_train": None, "val_size": 2, "max_dev": None, "max_length": 16, "seed": 0}
@@ -33,23 +33,9 @@ SETTINGS = {"max_train": None, "val_size": 2, "max_dev": None, "max_length": 16,
 @pytest.fixture(scope="module")
 def pool_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("glue-pool")
-    for folder, lines in FILES.items():
-        d = root / "data" / "glue" / folder
-        d.mkdir(parents=True)
-        header, rows = (lines[:1], lines[1:]) if folder != "CoLA" else ([], lines)
-        (d / "train.tsv").write_text("\n".join(header + rows * 4) + "\n", encoding="utf-8")
-        (d / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', *WORDS]) + "\n")
-    tokenizer = BertTokenizer(str(vocab))
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(tokenizer.vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=64,
-    )  # fmt: skip
-    base = BertModel(cfg).eval()
-    base.save_pretrained(root / "encoder")
-    tokenizer.save_pretrained(root / "encoder")
+    write_glue_files(root / "data")
+    tokenizer = BertTokenizer(str(write_vocab(root / "vocab.txt")))
+    base = save_tiny_bert(root / "encoder", tokenizer)
     bundle = glue_bundle(tokenizer, TASKS, root=root / "data", **SETTINGS)
     g = torch.Generator().manual_seed(1)
     for t in bundle.tasks:

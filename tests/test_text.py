@@ -45,24 +45,45 @@ FILES = {
 }
 
 
-@pytest.fixture
-def glue_root(tmp_path: Path) -> Path:
+def write_glue_files(root: Path) -> Path:
+    """GLUE-format files under ``root/glue``: train = the rows repeated (so a held-out slice exists), dev = once."""
     for folder, lines in FILES.items():
-        d = tmp_path / "glue" / folder
+        d = root / "glue" / folder
         d.mkdir(parents=True)
-        body = "\n".join(lines) + "\n"
-        # train = the rows repeated so that a held-out slice exists; dev = the rows once
         header, rows = (lines[:1], lines[1:]) if folder != "CoLA" else ([], lines)
         (d / "train.tsv").write_text("\n".join(header + rows * 4) + "\n", encoding="utf-8")
-        (d / "dev.tsv").write_text(body, encoding="utf-8")
-    return tmp_path
+        (d / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def write_vocab(path: Path) -> Path:
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', *WORDS]) + "\n")
+    return path
+
+
+def save_tiny_bert(
+    folder: Path, tokenizer: BertTokenizer, hidden: int = 32, layers: int = 2, seed: int = 0
+) -> BertModel:
+    """A random BERT with its tokenizer, saved as a Hugging Face folder (what load_text_encoder reads)."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer.vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64,
+    )  # fmt: skip
+    model = BertModel(cfg).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture
+def glue_root(tmp_path: Path) -> Path:
+    return write_glue_files(tmp_path)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BertTokenizer:
-    vocab = tmp_path_factory.mktemp("tok") / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', *WORDS]) + "\n")
-    return BertTokenizer(str(vocab))
+    return BertTokenizer(str(write_vocab(tmp_path_factory.mktemp("tok") / "vocab.txt")))
 
 
 def _encoder(tokenizer: BertTokenizer, seed: int = 0) -> BertModel:

@@ -8,38 +8,24 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner
 
 pytest.importorskip("transformers")
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import BertTokenizer
 
 from polytask.cli import cli
 from polytask.data import load_dataset
 from polytask.nn import MODELS, build_model
 from polytask.train import TrainConfig, Trainer
 from test_device import PlacementAudit
-from test_text import FILES, WORDS
+from test_text import FILES, save_tiny_bert, write_glue_files, write_vocab
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("text-cli")
-    for folder, lines in FILES.items():
-        d = root / "data" / "glue" / folder
-        d.mkdir(parents=True)
-        header, rows = (lines[:1], lines[1:]) if folder != "CoLA" else ([], lines)
-        (d / "train.tsv").write_text("\n".join(header + rows * 4) + "\n", encoding="utf-8")
-        (d / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', *WORDS]) + "\n")
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(WORDS) + 6, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=24, max_position_embeddings=32,
-    )  # fmt: skip
-    BertModel(cfg).save_pretrained(root / "encoder")
-    BertTokenizer(str(vocab)).save_pretrained(root / "encoder")
+    write_glue_files(root / "data")
+    save_tiny_bert(root / "encoder", BertTokenizer(str(write_vocab(root / "vocab.txt"))), hidden=16, layers=1)
     return {"data": root / "data", "encoder": root / "encoder", "root": root}
 
 
