@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 pytest.importorskip("transformers")
@@ -96,12 +98,65 @@ def test_text_model_bad_input_gets_one_line_errors(assets: dict[str, Path], tmp_
 
 
 def test_text_model_places_its_tensors_on_the_training_device(assets: dict[str, Path]) -> None:
-    data = load_dataset("glue", data_dir=assets["data"], tokenizer=assets["encoder"], val_size=2, max_length=16)
-    data = data.select_tasks(["sst2", "stsb", "rte"])
-    net = build_model("text", data.tasks, data.input_spec, encoder=str(assets["encoder"]))
+    data = _glue(assets)
+    net = build_model("text", data.tasks, data.input_spec)  # the encoder of the data's tokenizer folder
     cfg = TrainConfig(epochs=1, batch_size=4, patience=None, max_steps_per_epoch=2)
     trainer = Trainer(net, data, "upgrad", cfg, progress=False, device="cpu")
     audit = PlacementAudit()
     with audit:
         trainer.fit()
     assert audit.unplaced == set()
+
+
+TEXT_ARCHITECTURES = {
+    "single": {"hidden": (8,), "tower_hidden": (4,)},
+    "shared-bottom": {"hidden": (8,), "tower_hidden": (4,)},
+    "mmoe": {"n_experts": 2, "expert_hidden": (8,), "tower_hidden": (4,)},
+    "cgc": {"n_shared_experts": 1, "n_task_experts": 1, "expert_hidden": (8,), "tower_hidden": (4,)},
+    "ple": {"n_shared_experts": 1, "n_task_experts": 1, "expert_hidden": (8,), "tower_hidden": (4,)},
+    "home": {"n_shared_experts": 1, "n_group_experts": 1, "expert_hidden": (8,), "feature_gate_rank": 2},
+    "dselect-k": {"n_experts": 3, "k": 2, "expert_hidden": (8,), "tower_hidden": (4,)},
+    "cross-stitch": {"hidden": (8,), "tower_hidden": (4,)},
+}
+
+
+def _glue(assets: dict[str, Path]) -> Any:
+    data = load_dataset("glue", data_dir=assets["data"], tokenizer=assets["encoder"], val_size=2, max_length=16)
+    return data.select_tasks(["sst2", "stsb", "rte"]).labelled_rows_only()
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_ARCHITECTURES))
+def test_shared_architectures_read_text_through_the_data_encoder(name: str, assets: dict[str, Path]) -> None:
+    data = _glue(assets)
+    assert data.input_spec.encoder == str(assets["encoder"].resolve())
+    torch.manual_seed(0)
+    net = build_model(name, data.tasks, data.input_spec, **TEXT_ARCHITECTURES[name])
+    encoders = [m for m in net.modules() if type(m).__name__ == "BertModel"]
+    # one pretrained encoder per task for the networks that share nothing, one in all for the others
+    assert len(encoders) == (3 if name in ("single", "cross-stitch") else 1)
+    assert all(not e.get_input_embeddings().weight.requires_grad for e in encoders)  # frozen word embeddings
+    cfg = TrainConfig(epochs=1, batch_size=4, patience=None, max_steps_per_epoch=2)
+    trainer = Trainer(net, data, "upgrad" if name != "single" else "equal", cfg, progress=False, device="cpu")
+    audit = PlacementAudit()
+    with audit:
+        res = trainer.fit()
+    assert audit.unplaced == set()
+    assert set(res.test) == {"sst2", "stsb", "rte"}
+
+
+@pytest.mark.parametrize("name", ["controllable", "mod-squad", "m3vit", "mtan", "multitab", "esmm"])
+def test_architectures_without_a_text_path_refuse_it(name: str, assets: dict[str, Path]) -> None:
+    data = _glue(assets)
+    with pytest.raises(ValueError) as err:
+        build_model(name, data.tasks, data.input_spec)
+    assert "\n" not in str(err.value) and ("text" in str(err.value) or "image" in str(err.value))
+
+
+def test_compare_on_glue_reports_gains_against_single_task_encoders(assets: dict[str, Path], tmp_path: Path) -> None:
+    code, out = _invoke("compare", "glue", "--task", "sst2", "--task", "stsb", *_data_args(assets),
+                        "--models", "single,shared-bottom", "--epochs", "1", "--batch-size", "4",
+                        "--device", "cpu", "--quiet", "-o", tmp_path / "cmp")  # fmt: skip
+    assert code == 0, out
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert set(summary["test"]) == {"single", "shared-bottom"}
+    assert "Δm" in out

@@ -23,7 +23,9 @@ class InputSpec:
     (id 0 is the unknown/missing bucket).
     ``kind == "image"``: ``x["image"]`` float ``(N, channels, height, width)``.
     ``kind == "text"``: long ``x["input_ids"]``, ``x["attention_mask"]`` (and ``x["token_type_ids"]``)
-    ``(N, max_length)`` from a Hugging Face tokenizer (see :mod:`polytask.data.glue`).
+    ``(N, max_length)`` from a Hugging Face tokenizer (see :mod:`polytask.data.glue`); ``encoder`` is
+    the local Hugging Face folder whose tokenizer made them, and whose encoder the text stems load
+    (``""``: the installed all-MiniLM-L6-v2).
     """
 
     kind: str
@@ -32,6 +34,12 @@ class InputSpec:
     channels: int = 0
     height: int = 0
     width: int = 0
+    encoder: str = ""
+
+    @property
+    def vector_stem(self) -> bool:
+        """True when the stem returns one feature vector per row (tables, text), False for images."""
+        return self.kind in ("tabular", "text")
 
     def __post_init__(self) -> None:
         if self.kind not in ("tabular", "image", "text"):
@@ -46,6 +54,7 @@ class InputSpec:
             "channels": self.channels,
             "height": self.height,
             "width": self.width,
+            **({"encoder": self.encoder} if self.kind == "text" else {}),
         }
 
     @classmethod

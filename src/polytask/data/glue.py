@@ -245,13 +245,15 @@ def glue_bundle(
     max_length: int = 128,
     seed: int = 0,
     root: str | Path | None = None,
+    encoder: str = "",
 ) -> DataBundle:
     """A task-column :class:`DataBundle` of GLUE tasks: ``train`` (at most ``max_train`` rows per task,
     drawn at random with ``seed``), ``val`` (``val_size`` further training rows per task, disjoint from
     ``train``) and ``test`` (the ``dev`` file, first ``max_dev`` rows per task when given).
 
     Inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer makes them) are
-    padded to ``max_length`` tokens; models may trim a batch to its longest row.
+    padded to ``max_length`` tokens; models may trim a batch to its longest row. ``encoder``: the Hugging
+    Face folder of the tokenizer, recorded in the input spec for the models' text stems ("": MiniLM).
     """
     names = list(dict.fromkeys(tasks))
     for t in names:
@@ -274,7 +276,7 @@ def glue_bundle(
         dev_parts[t] = dev if max_dev is None else dev.take(range(min(max_dev, len(dev))))
     task_objs = [glue_task(t, train_parts[t].label) for t in names]
     splits = [_task_column(p, task_objs, tokenizer, max_length) for p in (train_parts, val_parts, dev_parts)]
-    spec = InputSpec(kind="text")
+    spec = InputSpec(kind="text", encoder=encoder)
     meta = {"max_train": max_train, "val_size": val_size, "max_length": max_length, "seed": seed}
     return DataBundle("glue", task_objs, spec, *splits, meta=meta)
 
@@ -304,4 +306,5 @@ def glue(
         max_length=max_length,
         seed=seed,
         root=data_dir,
+        encoder="" if tokenizer is None else str(Path(tokenizer).expanduser().resolve()),
     )

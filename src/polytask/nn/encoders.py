@@ -66,7 +66,7 @@ def resolve_hidden(
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"hidden sizes must be 'auto', an int or a sequence of ints, got '{value}'")
-        value = tabular if input_spec.kind == "tabular" else image
+        value = tabular if input_spec.vector_stem else image
     if isinstance(value, int):
         value = (value,)
     try:
@@ -214,9 +214,16 @@ class Chain(nn.Sequential):
 
 
 def make_stem(input_spec: InputSpec, emb_dim: int | Sequence[int] | Literal["auto"] = "auto") -> nn.Module:
-    """The input stem for ``input_spec`` (it has ``out_dim``, the width of :func:`gate_input`)."""
+    """The input stem for ``input_spec`` (it has ``out_dim``, the width of :func:`gate_input`).
+
+    Text: the pretrained encoder of ``input_spec.encoder``, mean-pooled (:class:`polytask.nn.text.TextStem`),
+    so the architectures treat text like a table after the stem."""
     if input_spec.kind == "tabular":
         return TabularEmbedding(input_spec.n_numeric, input_spec.cardinalities, emb_dim)
+    if input_spec.kind == "text":
+        from polytask.nn.text import TextStem  # text.py builds on this module
+
+        return TextStem(input_spec.encoder or None)
     return ImageInput(input_spec.channels, input_spec.height, input_spec.width)
 
 
@@ -225,10 +232,10 @@ def make_expert(
 ) -> MLP | LeNetTrunk | Chain:
     """An expert (or trunk) that reads the stem output and returns ``(N, out_dim)`` features.
 
-    Tables: ``MLP(stem_out_dim, hidden)``. Images: a :class:`LeNetTrunk` on the image, followed by
+    Tables and text: ``MLP(stem_out_dim, hidden)``. Images: a :class:`LeNetTrunk` on the image, followed by
     ``MLP(50, hidden)`` when ``hidden`` is non-empty (``stem_out_dim`` is not used).
     """
-    if input_spec.kind == "tabular":
+    if input_spec.vector_stem:
         return MLP(stem_out_dim, hidden, dropout)
     trunk = LeNetTrunk(input_spec.channels, input_spec.height, input_spec.width)
     if not hidden:

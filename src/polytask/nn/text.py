@@ -30,6 +30,7 @@ __all__ = [
     "MINILM_PACKAGE",
     "TextEncoderModel",
     "TextMultiTaskModel",
+    "TextStem",
     "load_text_encoder",
     "mean_pool",
     "minilm_path",
@@ -140,6 +141,23 @@ class TextMultiTaskModel(MultiTaskModel):
         return {k: v.detach().clone() for k, v in self.heads[task].state_dict().items()}
 
 
+class TextStem(nn.Module):
+    """The text stem of the shared architectures (:func:`polytask.nn.encoders.make_stem`): a pretrained
+    encoder from a local Hugging Face folder (default: all-MiniLM-L6-v2), mean-pooled; ``out_dim`` is
+    its hidden size. Word embeddings stay frozen (most of a small encoder's parameters, and only the
+    rows of seen tokens would move)."""
+
+    def __init__(self, encoder: str | None = None, freeze_word_embeddings: bool = True) -> None:
+        super().__init__()
+        self.encoder, _ = load_text_encoder(encoder)
+        self.out_dim = int(self.encoder.config.hidden_size)
+        if freeze_word_embeddings:
+            self.encoder.get_input_embeddings().weight.requires_grad_(False)
+
+    def forward(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return pooled_features(self.encoder, None, x)
+
+
 @register_model(
     "text",
     paper="Reimers & Gurevych, 'Sentence-BERT', EMNLP 2019 (mean pooling); Wang et al., 'MiniLM', NeurIPS 2020",
@@ -151,7 +169,8 @@ class TextMultiTaskModel(MultiTaskModel):
 )
 class TextEncoderModel(TextMultiTaskModel):
     """:class:`TextMultiTaskModel` built from a folder: ``encoder`` is a local Hugging Face model folder
-    (default: the installed all-MiniLM-L6-v2), loaded offline; its tokenizer must be the data's."""
+    (default: the data's, ``input_spec.encoder``, else the installed all-MiniLM-L6-v2), loaded offline;
+    its tokenizer must be the data's."""
 
     def __init__(
         self,
@@ -166,7 +185,7 @@ class TextEncoderModel(TextMultiTaskModel):
                 f"model 'text' reads tokenized text (e.g. the glue data set), not {input_spec.kind} input; "
                 "see `polytask models` for the architectures of tables and images"
             )
-        module, _ = load_text_encoder(encoder)
+        module, _ = load_text_encoder(encoder if encoder is not None else (input_spec.encoder or None))
         super().__init__(
             tasks, input_spec, module, freeze_word_embeddings=freeze_word_embeddings, head_dropout=head_dropout
         )

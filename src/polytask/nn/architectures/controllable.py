@@ -78,6 +78,11 @@ class _SlimEncoder(nn.Module):
         self.conv_norms = nn.ModuleList()
         self.conv_inputs: list[tuple[int, int]] = []  # input size of each conv, for counting
         self.stem: nn.Module
+        if input_spec.kind == "text":
+            raise ValueError(
+                "model 'controllable' slims a table or image encoder, not a pretrained text encoder; "
+                "use model 'text' or a shared architecture (shared-bottom, mmoe, ...) on text"
+            )
         if input_spec.kind == "tabular":
             if not hidden:
                 raise ValueError("the tabular encoder needs at least one hidden layer, got hidden=()")

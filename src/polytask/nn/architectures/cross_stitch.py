@@ -93,7 +93,7 @@ class _Column(nn.Module):
         super().__init__()
         self.stem = make_stem(input_spec, emb_dim)
         stages: list[nn.Module] = []
-        if input_spec.kind == "tabular":
+        if input_spec.vector_stem:
             d = self.stem.out_dim
         else:
             # LeNetTrunk builds (and validates) the layers; the column runs them stage by stage
@@ -155,8 +155,8 @@ class CrossStitch(MultiTaskModel):
         if not 0.0 <= stitch_self <= 1.0:
             raise ValueError(f"stitch_self must be in [0, 1], got {stitch_self}")
         column_h = resolve_hidden(hidden, input_spec, tabular=(128, 64), image=())
-        if input_spec.kind == "tabular" and not column_h:
-            raise ValueError("a tabular cross-stitch network needs at least one hidden layer to stitch")
+        if input_spec.vector_stem and not column_h:
+            raise ValueError(f"a {input_spec.kind} cross-stitch network needs at least one hidden layer to stitch")
         tower_h = resolve_hidden(tower_hidden, input_spec, tabular=(32,), image=(50,))
         self.columns = nn.ModuleList(_Column(input_spec, column_h, dropout, emb_dim) for _ in tasks)
         n_stages = len(self.columns[0].stages)

@@ -249,7 +249,7 @@ class HoME(MultiTaskModel):
         gate_dim = self.stem.out_dim
 
         def meta_expert() -> nn.Module:
-            if input_spec.kind == "tabular":
+            if input_spec.vector_stem:
                 return _NormSwishMLP(gate_dim, expert_h or (gate_dim,), expert_norm, dropout)
             trunk = LeNetTrunk(input_spec.channels, input_spec.height, input_spec.width)
             return Chain(trunk, _NormSwishMLP(trunk.out_dim, expert_h or (trunk.out_dim,), expert_norm, dropout))

@@ -409,6 +409,11 @@ class _Tokens(nn.Module):
     def __init__(self, spec: InputSpec, dim: int, patch_size: int, cls: bool) -> None:
         super().__init__()
         self.kind = spec.kind
+        if spec.kind == "text":
+            raise ValueError(
+                "the MoE ViTs (mod-squad, m3vit) read images or tables, not text; use model 'text' or a "
+                "shared architecture (shared-bottom, mmoe, ...) on text"
+            )
         if spec.kind == "image":
             if spec.height % patch_size or spec.width % patch_size:
                 raise ValueError(f"patch_size {patch_size} must divide the image size {spec.height}x{spec.width}")
