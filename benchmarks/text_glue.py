@@ -35,6 +35,7 @@ PARAMS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-train", type=int, default=1000, help="training rows per task")
+    ap.add_argument("--max-dev", type=int, default=None, help="GLUE dev rows per task (default: all)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
@@ -57,7 +58,7 @@ def main() -> None:
         config=cfg,
         seeds=[int(s) for s in args.seeds.split(",")],
         progress=False,
-        data_options={"max_train": args.max_train, "val_size": 200, "max_length": 128},
+        data_options={"max_train": args.max_train, "val_size": 200, "max_dev": args.max_dev, "max_length": 128},
         echo=print,
         device="cpu",
     )
@@ -74,7 +75,8 @@ def main() -> None:
         f"- machine: {machine_line(mach)}",
         f"- command: `{doc['command']}` ({seconds / 60:.0f} min)",
         f"- data: GLUE CoLA, SST-2, MRPC, RTE, STS-B (task column); {args.max_train} training rows per task, 200 "
-        "held-out training rows per task for selection (best epoch), test = GLUE dev (all rows)",
+        "held-out training rows per task for selection (best epoch), test = GLUE dev "
+        + ("(all rows)" if args.max_dev is None else f"(first {args.max_dev} rows per task)"),
         f"- training: AdamW lr {args.lr} cosine, batch {args.batch_size}, {args.epochs} epochs, equal weighting; "
         "all-MiniLM-L6-v2 (word embeddings frozen), mean-pooled, as the stem of every row; seeds "
         f"{args.seeds}",

@@ -160,3 +160,27 @@ def test_compare_on_glue_reports_gains_against_single_task_encoders(assets: dict
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert set(summary["test"]) == {"single", "shared-bottom"}
     assert "Δm" in out
+
+
+def test_token_inputs_are_evaluated_a_few_hundred_rows_at_a_time() -> None:
+    from polytask.train._trainer import TEXT_EVAL_ROWS, predict_model
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.task_names = ["a"]
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.sizes: list[int] = []
+
+        def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            n = next(iter(x.values())).shape[0]
+            self.sizes.append(n)
+            return {"a": self.w * torch.ones(n)}
+
+    probe = Probe()
+    ids = torch.ones(1000, 8, dtype=torch.long)
+    out = predict_model(probe, {"input_ids": ids, "attention_mask": ids}, batch_size=4096)  # type: ignore[arg-type]
+    assert probe.sizes == [TEXT_EVAL_ROWS] * 3 + [1000 - 3 * TEXT_EVAL_ROWS] and out["a"].shape == (1000,)
+    probe.sizes.clear()
+    predict_model(probe, {"num": torch.ones(1000, 2)}, batch_size=4096)  # type: ignore[arg-type]
+    assert probe.sizes == [1000]  # tables keep the configured evaluation batch

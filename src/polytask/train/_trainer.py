@@ -49,6 +49,7 @@ from polytask.train._device import resolve_device
 __all__ = ["FitResult", "NonFiniteLossError", "TrainConfig", "Trainer", "evaluate_model", "predict_model"]
 
 SCHEDULES = ("constant", "cosine", "linear", "step")
+TEXT_EVAL_ROWS = 256  # rows per evaluation chunk for token inputs (see predict_model)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -130,6 +131,10 @@ def predict_model(model: MultiTaskModel, x: dict[str, torch.Tensor], batch_size:
     was_training = model.training
     model.eval()
     device = _model_device(model)
+    if "input_ids" in x:
+        # Text: attention memory grows with rows x length^2 (4,096 rows of 128 tokens through a small
+        # encoder took several GB), so token sequences are evaluated a few hundred rows at a time.
+        batch_size = min(batch_size, TEXT_EVAL_ROWS)
     n = next(iter(x.values())).shape[0]
     outs: dict[str, list[torch.Tensor]] = {t: [] for t in model.task_names}
     for start in range(0, n, batch_size):
