@@ -161,8 +161,7 @@ def _labelled_data(run: LoadedRun, data: str | Path | None) -> dict[str, DataBun
     if data is None:
         if src.get("in_memory"):
             raise ValueError(f"this run was trained on in-memory data '{src['source']}'; pass the DATA to evaluate on")
-        # The same call that produced the training splits, so the same split comes back.
-        bundle = load_data(src["source"], src["tasks"] or None, seed=src["seed"], **src.get("options", {}))
+        bundle = _own_data(run)
         splits = {"val": bundle.val}
         if bundle.test is not None:
             splits["test"] = bundle.test
@@ -176,12 +175,19 @@ def _labelled_data(run: LoadedRun, data: str | Path | None) -> dict[str, DataBun
     return {name: run.encoder.transform(read_table(name))}
 
 
+def _own_data(run: LoadedRun) -> DataBundle:
+    """The same call that produced the run's splits (source, task choice, options, split seed), so the
+    same splits come back."""
+    src = run.meta["data_source"]
+    return load_data(src["source"], src.get("tasks") or None, seed=src["seed"], **src.get("options", {}))
+
+
 def _builtin(run: LoadedRun, name: str) -> DataBundle:
-    """Built-in set ``name`` as the run saw it: the run's own set with its saved task choice and options
-    (data folder, tokenizer, sizes), another set with its defaults; the run's split seed either way."""
+    """Built-in set ``name`` as the run saw it: the run's own set as it was loaded (task choice, data
+    folder, tokenizer, sizes), another set with its defaults; the run's split seed either way."""
     src = run.meta["data_source"]
     if src.get("builtin") and src.get("source") == name:
-        return load_data(name, src.get("tasks") or None, seed=src["seed"], **src.get("options", {}))
+        return _own_data(run)
     return load_dataset(name, seed=src["seed"])
 
 
