@@ -78,7 +78,7 @@ def _run_files(job: dict[str, Any], pool: Pool, test: dict[str, dict[str, float]
 
 def execute_merge_run(job: dict[str, Any]) -> dict[str, Any]:
     """Merge and score one run; returns its results or its error, never raises for a failed run."""
-    from polytask.bench.runner import _peak_mb, _reset_peak
+    from polytask.bench.runner import _peak_mb, _reset_peak, run_error
     from polytask.merge import DATA_DRIVEN, MERGE_METHODS, merge_state_dicts
 
     t0 = time.perf_counter()
@@ -111,8 +111,7 @@ def execute_merge_run(job: dict[str, Any]) -> dict[str, Any]:
         _run_files(job, pool, test, {"merge_seconds": merge_seconds, "seconds": work})
         out.update(status="done", tasks=[t.to_dict() for t in pool.tasks], test=test, merge_seconds=merge_seconds)
     except Exception as e:  # a failed run is a result: stored with its message, the grid goes on
-        msg = str(e.args[0]) if e.args else repr(e)
-        out["error"] = f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
+        out["error"] = run_error(e)
     out["peak_memory_mb"] = _peak_mb(reset_ok)
     out["fit_seconds"] = work
     out["worker_seconds"] = time.perf_counter() - t0

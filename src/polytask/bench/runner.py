@@ -122,6 +122,12 @@ def _init_worker(threads: int) -> None:
         pass
 
 
+def run_error(e: BaseException) -> str:
+    """A failed run's stored error: the exception type and the first line of its message."""
+    msg = str(e.args[0]) if e.args else repr(e)
+    return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
+
+
 def execute_run(job: dict[str, Any]) -> dict[str, Any]:
     """Train one run (in a worker); returns its results or its error, never raises for a failed run."""
     if job["config"].get("kind") == "merge":
@@ -170,8 +176,7 @@ def execute_run(job: dict[str, Any]) -> dict[str, Any]:
             resumed=resume,
         )
     except Exception as e:  # a failed run is a result: stored with its message, the grid goes on
-        msg = str(e.args[0]) if e.args else repr(e)
-        out["error"] = f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
+        out["error"] = run_error(e)
     out["peak_memory_mb"] = _peak_mb(reset_ok)
     out["fit_seconds"] = fit_seconds
     out["worker_seconds"] = time.perf_counter() - t0
