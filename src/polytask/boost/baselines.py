@@ -75,34 +75,32 @@ class _HGBBase(TaskIndexedMixin):
         # A task with fewer rows than min_samples_leaf could not split at all.
         leaf = max(1, min(int(self.min_samples_leaf), n_rows // 2))
         early = bool(self.early_stopping) and n_rows >= 20
+        # the settings both tree libraries take under these names
+        shared = {
+            "max_iter": self.max_iter,
+            "learning_rate": self.learning_rate,
+            "max_leaf_nodes": self.max_leaf_nodes,
+            "max_depth": self.max_depth,
+            "min_samples_leaf": leaf,
+            "l2_regularization": self.l2_regularization,
+            "early_stopping": early,
+        }
         if self.tree_backend == "lightgbm":
             return fit_lightgbm_booster(
                 X,
                 y,
                 n_classes=len(self.classes_) if self._classifier else 0,
-                max_iter=self.max_iter,
-                learning_rate=self.learning_rate,
-                max_leaf_nodes=self.max_leaf_nodes,
-                max_depth=self.max_depth,
-                min_samples_leaf=leaf,
-                l2_regularization=self.l2_regularization,
-                early_stopping=early,
                 validation_fraction=self.validation_fraction,
                 seed=self.random_state,
                 categorical=categorical,
+                **shared,
             )
         cls = HistGradientBoostingClassifier if self._classifier else HistGradientBoostingRegressor
         model = cls(
-            max_iter=self.max_iter,
-            learning_rate=self.learning_rate,
-            max_leaf_nodes=self.max_leaf_nodes,
-            max_depth=self.max_depth,
-            min_samples_leaf=leaf,
-            l2_regularization=self.l2_regularization,
-            early_stopping=early,
             validation_fraction=self.validation_fraction if early else None,
             random_state=self.random_state,
             categorical_features=categorical,
+            **shared,
         )
         return HGBRaw.from_model(model.fit(X, y))
 
