@@ -189,14 +189,16 @@ def _assign_ranks(entries: list[LeaderboardRow], sel: Any) -> None:
         e.mean_rank = ranks[e.label]
 
 
-def _test_mean_std(runs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """Per task and metric, the mean and std over ``runs`` of their test metrics."""
+def _seed_row(ds: str, model: str, balancer: str, runs: list[dict[str, Any]]) -> LeaderboardRow:
+    """A leaderboard row for one group of runs: its seeds and, per task and metric, the mean and std of
+    their test metrics (deltas, timings and ranks are filled in by the caller)."""
+    runs = sorted(runs, key=lambda r: r["seed"])
     mean: dict[str, dict[str, float]] = {}
     std: dict[str, dict[str, float]] = {}
     for t in runs[0]["test"]:
         for m in runs[0]["test"][t]:
             mean.setdefault(t, {})[m], std.setdefault(t, {})[m] = mean_std([r["test"][t][m] for r in runs])
-    return mean, std
+    return LeaderboardRow(ds, model, balancer, [r["seed"] for r in runs], bool(runs[0]["baseline"]), mean, std)
 
 
 def leaderboard(bench_dir: str | Path) -> Leaderboard:
@@ -227,9 +229,7 @@ def leaderboard(bench_dir: str | Path) -> Leaderboard:
             continue
         entries = []
         for (model, balancer), runs in groups.items():
-            runs = sorted(runs, key=lambda r: r["seed"])
-            mean, std = _test_mean_std(runs)
-            row = LeaderboardRow(ds, model, balancer, [r["seed"] for r in runs], bool(runs[0]["baseline"]), mean, std)
+            row = _seed_row(ds, model, balancer, runs)
             if base_runs is not None:
                 common = {r["seed"] for r in runs} & {r["seed"] for r in base_runs}
                 if common:
@@ -281,13 +281,11 @@ def _merge_entries(
     ref = _mean_over(base_runs, {r["seed"] for r in base_runs}) if base_runs else None
     entries = []
     for (label, role), runs in groups.items():
-        runs = sorted(runs, key=lambda r: r["seed"])
-        mean, std = _test_mean_std(runs)
-        row = LeaderboardRow(ds, label, role, [r["seed"] for r in runs], bool(runs[0]["baseline"]), mean, std)
+        row = _seed_row(ds, label, role, runs)
         if ref is not None:
             try:
-                row.delta_m, row.delta_p = delta_m(mean, ref, metrics=sel), delta_p(mean, ref, metrics=sel)
-                row.normalised = normalised_score(mean, ref, sel)
+                row.delta_m, row.delta_p = delta_m(row.mean, ref, metrics=sel), delta_p(row.mean, ref, metrics=sel)
+                row.normalised = normalised_score(row.mean, ref, sel)
             except (ValueError, KeyError):
                 pass
         row.peak_memory_mb = _median_of(runs, "peak_memory_mb")
